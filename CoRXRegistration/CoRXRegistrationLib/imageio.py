@@ -1,0 +1,126 @@
+"""Reading and writing volumes and displacement fields with their geometry.
+
+Images: NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .nhdr) through SimpleITK; arrays come back
+as (z, y, x) with a :class:`~CoRXRegistrationLib.geometry.Geometry` in LPS mm.
+
+Displacement fields: (z, y, x, 3) arrays of LPS millimetre vectors in the *resampling*
+(from-parent) convention: a point p of the fixed grid maps to p + u(p) in the moving image.
+They are written as NRRD with ``displacement field type:=resampling``, which 3D Slicer
+loads as a grid transform (checked with slicer-core in the tests).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Geometry
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class ImageFileError(ValueError):
+    """A file is missing, unreadable or holds something other than what was asked for."""
+
+
+def _check_suffix(path: Path, suffixes=IMAGE_SUFFIXES) -> None:
+    name = path.name.lower()
+    if not any(name.endswith(s) for s in suffixes):
+        raise ImageFileError(f"{path}: unsupported file type (use one of {', '.join(suffixes)})")
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    size = image.GetSize()
+    if len(size) != 3:
+        raise ImageFileError(f"expected a 3D image, got {len(size)}D of size {size}")
+    return Geometry(tuple(reversed(size)), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def to_sitk(array: np.ndarray, geometry: Geometry, is_vector: bool = False) -> sitk.Image:
+    array = np.asarray(array)
+    expected = geometry.shape + ((3,) if is_vector else ())
+    if array.shape != expected:
+        raise ImageFileError(f"array shape {array.shape} does not match geometry shape {expected}")
+    image = sitk.GetImageFromArray(array, isVector=is_vector)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def read_image(path, dtype=np.float32, require_finite: bool = True):
+    """Read a scalar 3D volume. Returns (array (z, y, x), Geometry)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path}: file not found")
+    _check_suffix(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:  # SimpleITK reports corrupt files this way
+        raise ImageFileError(f"{path}: cannot be read as an image ({str(exc).strip().splitlines()[-1]})") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageFileError(f"{path}: expected a scalar volume, found "
+                             f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+    geometry = geometry_of(image)
+    array = sitk.GetArrayFromImage(image)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    if require_finite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n = int((~np.isfinite(array)).sum())
+        raise ImageFileError(f"{path}: {n} voxels are NaN or infinite")
+    return array, geometry
+
+
+def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = True,
+                overwrite: bool = True) -> Path:
+    """Write a scalar volume with its geometry; creates parent folders."""
+    path = Path(path)
+    _check_suffix(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; refusing to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(to_sitk(array, geometry), str(path), useCompression=compress, compressionLevel=1)
+    return path
+
+
+def write_displacement_field(path, field_lps_mm: np.ndarray, geometry: Geometry) -> Path:
+    """Write a (z, y, x, 3) LPS-mm displacement field (resampling convention) as NRRD."""
+    path = Path(path)
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        raise ImageFileError(f"{path}: displacement fields are written as .nrrd (Slicer grid transform)")
+    field = np.asarray(field_lps_mm, dtype=np.float32)
+    if not np.isfinite(field).all():
+        raise ImageFileError(f"{path}: displacement field has NaN or infinite vectors")
+    image = to_sitk(field, geometry, is_vector=True)
+    image.SetMetaData("displacement field type", "resampling")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True, compressionLevel=1)
+    return path
+
+
+def read_displacement_field(path):
+    """Read a displacement field file. Returns (field (z, y, x, 3) LPS mm, Geometry)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path}: file not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ImageFileError(f"{path}: cannot be read ({str(exc).strip().splitlines()[-1]})") from exc
+    if image.GetNumberOfComponentsPerPixel() != 3:
+        raise ImageFileError(f"{path}: a displacement field needs 3 components per voxel, "
+                             f"found {image.GetNumberOfComponentsPerPixel()}")
+    if image.HasMetaDataKey("displacement field type") and \
+            image.GetMetaData("displacement field type").strip() != "resampling":
+        raise ImageFileError(f"{path}: only 'resampling' displacement fields are supported")
+    return sitk.GetArrayFromImage(image).astype(np.float32), geometry_of(image)
+
+
+def strip_image_suffix(name: str) -> str:
+    low = name.lower()
+    for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if low.endswith(s):
+            return name[: -len(s)]
+    return os.path.splitext(name)[0]

@@ -1,0 +1,294 @@
+"""Simulated serial SPECT/CT series with exact ground truth, and their manifest on disk.
+
+Frames: the *reference anatomy* frame is the reference CT's frame. The reference SPECT
+sees anatomy point a at ``a + s_ref`` (its SPECT/CT mismatch). Session t sees anatomy
+point a at ``T_t(a)`` in CT and ``T_t(a) + s_t`` in SPECT. Ground-truth displacement
+fields (resampling convention, LPS mm, fixed = reference, moving = session t):
+
+* CT:    ``u_ct(x) = T_t(x) - x``
+* SPECT: ``u_spect(x) = T_t(x - s_ref) + s_t - x``
+
+both sampled on the reference SPECT grid. True activity, TIA and labels are given in the
+reference SPECT frame (and labels also on the reference CT grid).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry import Geometry
+from ..imageio import write_displacement_field, write_image
+from ..resample import resample
+from . import anatomy as A
+from .imaging import EmissionGrid, blur, render_ct, render_spect
+from .kinetics import VoxelKinetics, sample_region_curves
+from .motion import Landmarks, SessionMotion, sample_invertible_session, sample_spect_mismatch, session_field
+
+MANIFEST_NAME = "series.json"
+MANIFEST_FORMAT = "corx-series/1"
+
+
+@dataclass
+class SimulationConfig:
+    """Everything that defines a simulated series (units in the names)."""
+
+    seed: int = 0
+    anatomy: str = "procedural"           # "procedural" or "patient15"
+    times_h: tuple = (4.0, 24.0, 48.0, 120.0)
+    reference_index: int = 0
+    injected_mbq: float = 7400.0
+    phantom_spacing_mm: float = 2.0
+    ct_spacing_mm: tuple = (1.5, 1.5, 3.75)
+    ct_shape_zyx: tuple = (108, 300, 300)
+    spect_spacing_mm: float = 4.42
+    spect_shape_zyx: tuple = (96, 128, 128)
+    spect_fwhm_mm: tuple = (12.0, 15.0)     # sampled per patient in this range
+    counts_per_mbq_s: float = 3.0           # effective (noise-equivalent) sensitivity
+    acquisition_s: float = 1800.0
+    ct_noise_hu: float = 25.0
+    max_shift_mm: float = 15.0
+    max_rotation_deg: float = 5.0
+    max_breathing_mm: float = 15.0
+    n_tumours: int | None = None            # None: 1-6 at random
+    patient15_zip: str | None = None
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "SimulationConfig":
+        """'clinical' (default grids) or 'small' (coarse grids, for tests and quick looks)."""
+        if name == "clinical":
+            cfg = SimulationConfig()
+        elif name == "small":
+            cfg = SimulationConfig(phantom_spacing_mm=4.0, ct_spacing_mm=(3.0, 3.0, 5.0), ct_shape_zyx=(80, 140, 140),
+                                   spect_spacing_mm=7.0, spect_shape_zyx=(56, 64, 64))
+        else:
+            raise ValueError(f"unknown preset {name!r} (use 'clinical' or 'small')")
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise ValueError(f"unknown simulation setting {k!r}")
+            setattr(cfg, k, v)
+        return cfg
+
+    def validate(self) -> None:
+        t = np.asarray(self.times_h, float)
+        if t.ndim != 1 or len(t) < 1 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(np.diff(t) <= 0):
+            raise ValueError(f"times_h must be positive and strictly increasing, got {self.times_h}")
+        if not 0 <= self.reference_index < len(t):
+            raise ValueError(f"reference_index {self.reference_index} is not one of the {len(t)} time points")
+        if self.injected_mbq <= 0:
+            raise ValueError("injected_mbq must be positive")
+
+
+@dataclass
+class SimulatedSeries:
+    config: SimulationConfig
+    phantom: A.Phantom
+    ct: list                      # int16 HU per time point
+    ct_geometry: list
+    spect: list                   # float32 Bq/mL per time point
+    spect_geometry: list
+    motions: list                 # SessionMotion per time point
+    truth_field_ct: dict          # time index -> (z, y, x, 3) on the reference SPECT grid
+    truth_field_spect: dict
+    truth_activity: list          # Bq/mL on the reference SPECT grid (no PSF)
+    truth_tia: np.ndarray         # Bq h/mL on the reference SPECT grid (no PSF)
+    truth_tia_psf: np.ndarray     # the same blurred by the SPECT resolution
+    labels_spect: np.ndarray
+    labels_ct: np.ndarray
+    curves: dict
+    voi_truth: dict               # VOI name -> {"labels", "volume_ml", "tia_mbq_h"}
+    spect_fwhm_mm: float
+    timing_s: dict = field(default_factory=dict)
+
+    @property
+    def reference_spect_geometry(self) -> Geometry:
+        return self.spect_geometry[self.config.reference_index]
+
+    @property
+    def reference_ct_geometry(self) -> Geometry:
+        return self.ct_geometry[self.config.reference_index]
+
+
+def _scanner_grids(cfg: SimulationConfig, rng, centre):
+    """Per-session CT and SPECT grids: same scanner frame, table offset differs by session."""
+    dz = float(rng.uniform(-8.0, 8.0))
+    c = np.asarray(centre, float) + np.array([0.0, 0.0, dz])
+    ct = Geometry.centred(cfg.ct_shape_zyx, cfg.ct_spacing_mm, c)
+    spect = Geometry.centred(cfg.spect_shape_zyx, (cfg.spect_spacing_mm,) * 3, c + 0.5 * cfg.spect_spacing_mm)
+    return ct, spect
+
+
+def build_phantom(cfg: SimulationConfig, rng) -> A.Phantom:
+    if cfg.anatomy == "procedural":
+        return A.procedural_phantom(rng, cfg.phantom_spacing_mm, cfg.n_tumours)
+    if cfg.anatomy == "patient15":
+        from .patient15 import patient15_phantom
+        return patient15_phantom(rng, cfg.patient15_zip, cfg.phantom_spacing_mm)
+    raise ValueError(f"unknown anatomy {cfg.anatomy!r} (use 'procedural' or 'patient15')")
+
+
+def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
+    """Simulate one patient's serial SPECT/CT series with ground truth (deterministic per seed)."""
+    cfg.validate()
+    progress = progress or (lambda fraction, text: None)
+    rng = np.random.default_rng(cfg.seed)
+    timing = {}
+    t0 = time.perf_counter()
+    progress(0.0, "anatomy")
+    phantom = build_phantom(cfg, rng)
+    pg = phantom.geometry
+    timing["anatomy"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    injected_gbq = cfg.injected_mbq / 1000.0
+    curves = sample_region_curves(rng, injected_gbq, np.unique(phantom.labels), phantom.tumours)
+    kinetics = VoxelKinetics(phantom.labels, phantom.uptake_scale, phantom.washout_scale, curves)
+    fwhm = float(rng.uniform(*cfg.spect_fwhm_mm))
+    egrid = EmissionGrid.for_phantom(pg)
+    landmarks = Landmarks.from_phantom(phantom)
+    n = len(cfg.times_h)
+    ref = cfg.reference_index
+    motions, fields = [], []
+    for i in range(n):
+        if i == ref:
+            m = SessionMotion(**sample_spect_mismatch(rng))
+            f = session_field(m, landmarks)
+        else:
+            m, f = sample_invertible_session(rng, landmarks, max_shift_mm=cfg.max_shift_mm,
+                                             max_rotation_deg=cfg.max_rotation_deg,
+                                             max_breathing_mm=cfg.max_breathing_mm)
+        motions.append(m)
+        fields.append(f)
+    grids = [_scanner_grids(cfg, rng, landmarks.body_centre) for _ in range(n)]
+    timing["kinetics_motion"] = time.perf_counter() - t1
+
+    s_ref = np.asarray(motions[ref].spect_shift_mm, np.float32)
+    ref_spect_g = grids[ref][1]
+    ref_ct_g = grids[ref][0]
+    to_anatomy_ref_spect = lambda p: np.broadcast_to(-s_ref, p.shape)  # noqa: E731
+
+    cts, spects, activities, fields_ct, fields_spect = [], [], [], {}, {}
+    t_ct = t_spect = 0.0
+    for i, t_h in enumerate(cfg.times_h):
+        progress(0.1 + 0.8 * i / n, f"time point {t_h:g} h")
+        sf, m = fields[i], motions[i]
+        s_t = np.asarray(m.spect_shift_mm, np.float32)
+        ct_g, sp_g = grids[i]
+        ta = time.perf_counter()
+        cts.append(render_ct(phantom.hu, pg, ct_g, None if sf.inverse_residual_mm == 0.0 and m.is_identity
+                             else sf.inverse_at, rng, cfg.ct_noise_hu))
+        tb = time.perf_counter()
+        act = egrid.pool(kinetics.activity(t_h))
+        emission = blur(act, egrid.geometry, fwhm, m.spect_breathing_blur_mm)
+        spects.append(render_spect(emission, egrid.geometry, sp_g,
+                                   lambda p, sf=sf, s=s_t: sf.inverse_at(p - s) - s, rng,
+                                   cfg.counts_per_mbq_s, cfg.acquisition_s))
+        activities.append(resample(act, egrid.geometry, ref_spect_g, displacement=to_anatomy_ref_spect))
+        if i != ref:
+            pts = ref_spect_g.lps_grid().reshape(-1, 3)
+            fields_ct[i] = sf.forward_at(pts).reshape(ref_spect_g.shape + (3,))
+            fields_spect[i] = (sf.forward_at(pts - s_ref) + (s_t - s_ref)).reshape(ref_spect_g.shape + (3,))
+        t_ct += tb - ta
+        t_spect += time.perf_counter() - tb
+    timing["ct"], timing["spect"] = t_ct, t_spect
+
+    t2 = time.perf_counter()
+    progress(0.9, "ground truth")
+    tia_fine = kinetics.tia()
+    tia_em = egrid.pool(tia_fine)
+    truth_tia = resample(tia_em, egrid.geometry, ref_spect_g, displacement=to_anatomy_ref_spect)
+    truth_tia_psf = resample(blur(tia_em, egrid.geometry, fwhm), egrid.geometry, ref_spect_g,
+                             displacement=to_anatomy_ref_spect)
+    labels_spect = resample(phantom.labels, pg, ref_spect_g, displacement=to_anatomy_ref_spect, mode="nearest")
+    labels_ct = resample(phantom.labels, pg, ref_ct_g, mode="nearest")
+    voi_truth = {}
+    for name, codes in phantom.voi_labels().items():
+        mask = np.isin(phantom.labels, codes)
+        voi_truth[name] = {"labels": list(codes), "volume_ml": float(mask.sum() * pg.voxel_volume_ml),
+                           "tia_mbq_h": float(tia_fine[mask].sum(dtype=np.float64) * pg.voxel_volume_ml / 1e6)}
+    timing["truth"] = time.perf_counter() - t2
+    timing["total"] = time.perf_counter() - t0
+    progress(1.0, "done")
+    return SimulatedSeries(cfg, phantom, cts, [g[0] for g in grids], spects, [g[1] for g in grids], motions,
+                           fields_ct, fields_spect, activities, truth_tia, truth_tia_psf, labels_spect, labels_ct,
+                           curves, voi_truth, fwhm, timing)
+
+
+def time_tag(hours: float) -> str:
+    """File-name tag of a time point: 4 -> '004h', 0.5 -> '000.5h'."""
+    return f"{hours:03.0f}h" if float(hours).is_integer() else f"{hours:05.1f}h"
+
+
+def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> Path:
+    """Write volumes, ground truth and ``series.json`` into ``out_dir``; returns the manifest path."""
+    from .. import __version__
+
+    out = Path(out_dir)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists() and not overwrite:
+        raise FileExistsError(f"{manifest_path} exists; choose another folder or pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = series.config
+    ref_g = series.reference_spect_geometry
+    points = []
+    for i, t_h in enumerate(cfg.times_h):
+        tag = time_tag(t_h)
+        entry = {"hours": float(t_h), "ct": f"ct_{tag}.nii.gz", "spect": f"spect_{tag}.nii.gz",
+                 "motion": series.motions[i].to_dict(),
+                 "truth": {"activity": f"truth/activity_{tag}.nii.gz"}}
+        write_image(out / entry["ct"], series.ct[i], series.ct_geometry[i])
+        write_image(out / entry["spect"], series.spect[i], series.spect_geometry[i])
+        write_image(out / entry["truth"]["activity"], series.truth_activity[i], ref_g)
+        if i in series.truth_field_ct:
+            entry["truth"]["field_ct"] = f"truth/field_ct_{tag}.nrrd"
+            entry["truth"]["field_spect"] = f"truth/field_spect_{tag}.nrrd"
+            write_displacement_field(out / entry["truth"]["field_ct"], series.truth_field_ct[i], ref_g)
+            write_displacement_field(out / entry["truth"]["field_spect"], series.truth_field_spect[i], ref_g)
+        points.append(entry)
+    write_image(out / "truth/tia.nii.gz", series.truth_tia, ref_g)
+    write_image(out / "truth/tia_psf.nii.gz", series.truth_tia_psf, ref_g)
+    write_image(out / "truth/labels_spect.nii.gz", series.labels_spect, ref_g)
+    write_image(out / "truth/labels_ct.nii.gz", series.labels_ct, series.reference_ct_geometry)
+    names = series.phantom.label_names()
+    present = sorted(set(np.unique(series.labels_spect).tolist()) | set(np.unique(series.labels_ct).tolist()))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "patient_id": f"sim-{cfg.anatomy}-{cfg.seed:04d}",
+        "simulated": True,
+        "nuclide": "Lu-177",
+        "injected_activity_mbq": cfg.injected_mbq,
+        "reference_index": cfg.reference_index,
+        "units": {"ct": "HU", "spect": "Bq/mL", "time": "h after injection", "activity": "Bq/mL",
+                  "tia": "Bq*h/mL", "voi_tia": "MBq*h", "displacement": "mm, LPS, resampling (fixed -> moving)"},
+        "time_points": points,
+        "truth": {
+            "frame": "reference SPECT grid (fields, activity, TIA, labels_spect); reference CT grid (labels_ct)",
+            "tia": "truth/tia.nii.gz", "tia_psf": "truth/tia_psf.nii.gz",
+            "labels_spect": "truth/labels_spect.nii.gz", "labels_ct": "truth/labels_ct.nii.gz",
+            "label_names": {str(k): names.get(k, f"label_{k}") for k in present},
+            "vois": series.voi_truth,
+            "tumours": [t.to_dict() for t in series.phantom.tumours],
+            "region_curves": {names.get(k, str(k)): c.to_dict() for k, c in series.curves.items()
+                              if c.amplitude_bq_per_ml > 0},
+        },
+        "imaging": {"spect_fwhm_mm": round(series.spect_fwhm_mm, 3), "counts_per_mbq_s": cfg.counts_per_mbq_s,
+                    "acquisition_s": cfg.acquisition_s, "ct_noise_hu": cfg.ct_noise_hu},
+        "grids": {"ct": [g.to_dict() for g in series.ct_geometry],
+                  "spect": [g.to_dict() for g in series.spect_geometry]},
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "seed": cfg.seed,
+        "versions": _versions(__version__),
+        "timing_s": {k: round(v, 3) for k, v in series.timing_s.items()},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest_path
+
+
+def _versions(corx_version: str) -> dict:
+    import SimpleITK
+    import torch
+    return {"corx": corx_version, "numpy": np.__version__, "torch": torch.__version__,
+            "SimpleITK": SimpleITK.Version_VersionString()}
