@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry import Geometry
-from ..imageio import write_displacement_field, write_image
+from ..imageio import write_displacement_field, write_image, write_seg_nrrd
 from ..resample import resample
 from . import anatomy as A
 from .imaging import EmissionGrid, blur, render_ct, render_spect
@@ -252,6 +252,8 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
     write_image(out / "truth/tia_psf.nii.gz", series.truth_tia_psf, ref_g)
     write_image(out / "truth/labels_spect.nii.gz", series.labels_spect, ref_g)
     write_image(out / "truth/labels_ct.nii.gz", series.labels_ct, series.reference_ct_geometry)
+    voi_map, voi_names = voi_labelmap(series.labels_spect, series.phantom.voi_labels())
+    write_seg_nrrd(out / "truth/segmentation.seg.nrrd", voi_map, voi_names, ref_g)
     names = series.phantom.label_names()
     present = sorted(set(np.unique(series.labels_spect).tolist()) | set(np.unique(series.labels_ct).tolist()))
     manifest = {
@@ -268,6 +270,7 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
             "frame": "reference SPECT grid (fields, activity, TIA, labels_spect); reference CT grid (labels_ct)",
             "tia": "truth/tia.nii.gz", "tia_psf": "truth/tia_psf.nii.gz",
             "labels_spect": "truth/labels_spect.nii.gz", "labels_ct": "truth/labels_ct.nii.gz",
+            "segmentation": "truth/segmentation.seg.nrrd",
             "label_names": {str(k): names.get(k, f"label_{k}") for k in present},
             "vois": series.voi_truth,
             "tumours": [t.to_dict() for t in series.phantom.tumours],
@@ -285,6 +288,16 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest_path
+
+
+def voi_labelmap(labels: np.ndarray, vois: dict):
+    """Merge tissue labels into one value per VOI (1, 2, ...); returns (uint8 map, value -> name)."""
+    out = np.zeros(labels.shape, np.uint8)
+    names = {}
+    for value, (name, codes) in enumerate(vois.items(), start=1):
+        out[np.isin(labels, codes)] = value
+        names[value] = name
+    return out, names
 
 
 def _versions(corx_version: str) -> dict:

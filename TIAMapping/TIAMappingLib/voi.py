@@ -1,0 +1,80 @@
+"""Volume-of-interest (VOI) results: activity per time point, organ-based TIA, dose statistics.
+
+The organ-based TIA of the paper: the VOI's total activity per time point (MBq) is fitted
+with Eq. 6 (mono-exponential, or trapezoid + physical tail). Multi-exponential models
+(bi-exponential with uptake, tri-exponential) are fitted too and the best is chosen by AICc
+among the models for which AICc is defined (n >= k + 2 time points).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .dose import dose_statistics
+from .nuclides import LU177, Nuclide
+from .timecurves import MODELS, fit_model, information_criterion, trapezoid_with_physical_tail
+
+
+def voi_curve_fits(times_h, totals_mbq: np.ndarray, nuclide: Nuclide = LU177) -> list:
+    """Fit every VOI curve (rows of ``totals_mbq``, MBq). Returns one dict per VOI (MBq h)."""
+    t = np.asarray(times_h, float)
+    y = np.atleast_2d(np.asarray(totals_mbq, float))
+    n = len(t)
+    lam_phys = nuclide.decay_constant_per_h
+    out = [dict() for _ in range(len(y))]
+    if n >= 2:
+        p, _ = fit_model("mono", t, y)
+        trap = trapezoid_with_physical_tail(t, y, lam_phys)
+        for i, row in enumerate(out):
+            ok = np.all(np.isfinite(p[i])) and p[i, 0] > 0
+            use_mono = bool(ok and p[i, 1] > lam_phys)
+            row["eq6_model"] = "mono-exponential" if use_mono else "trapezoid + physical tail"
+            row["eq6_tia_mbq_h"] = float(p[i, 0] / p[i, 1]) if use_mono else float(trap[i])
+            row["mono_a0_mbq"] = float(p[i, 0])
+            row["mono_t_eff_h"] = float(np.log(2) / p[i, 1]) if ok and p[i, 1] > 0 else float("nan")
+        scores = {}
+        for name, model in MODELS.items():
+            if n < model.n_params + 1:
+                continue
+            pm, rss = fit_model(name, t, y, iterations=60)
+            tia = model.integral(pm)
+            valid = np.isfinite(tia) & (model.terminal_rate(pm) >= lam_phys * 0.999)
+            aicc = information_criterion(rss, n, model.n_params, corrected=True)
+            scores[name] = np.where(valid, aicc, np.nan)
+            for i, row in enumerate(out):
+                row[f"{name}_tia_mbq_h"] = float(tia[i]) if valid[i] else float("nan")
+                row[f"{name}_aicc"] = float(aicc[i]) if valid[i] else float("nan")
+        for i, row in enumerate(out):
+            cands = {k: v[i] for k, v in scores.items() if np.isfinite(v[i])}
+            best = min(cands, key=cands.get) if cands else None
+            row["best_model"] = best or "eq6"
+            row["best_tia_mbq_h"] = row[f"{best}_tia_mbq_h"] if best else row["eq6_tia_mbq_h"]
+    return out
+
+
+def voi_table(segments: dict, activities, times_h, voxel_volume_ml: float, tia_map=None, dose_map=None,
+              nuclide: Nuclide = LU177) -> list:
+    """One row per segment: volume, activity per time point, organ-based and voxel TIA, dose.
+
+    segments: name -> boolean mask on the SPECT grid. Empty segments get status 'empty'.
+    """
+    rows, totals, names = [], [], []
+    for name, mask in segments.items():
+        n_vox = int(mask.sum())
+        row = {"segment": name, "voxels": n_vox, "volume_ml": n_vox * voxel_volume_ml,
+               "status": "ok" if n_vox else "empty (no voxel inside the SPECT field of view)"}
+        for t_h, a in zip(times_h, activities):
+            vals = a[mask]
+            row[f"mean_bq_ml_{t_h:g}h"] = float(vals.mean()) if n_vox else float("nan")
+            row[f"total_mbq_{t_h:g}h"] = float(vals.sum(dtype=np.float64) * voxel_volume_ml / 1e6)
+        if tia_map is not None:
+            row["voxel_tia_sum_mbq_h"] = float(tia_map[mask].sum(dtype=np.float64) * voxel_volume_ml / 1e6)
+        if dose_map is not None:
+            row.update(dose_statistics(dose_map[mask]) if n_vox else dose_statistics(np.empty(0)))
+        rows.append(row)
+        if n_vox:
+            totals.append([row[f"total_mbq_{t_h:g}h"] for t_h in times_h])
+            names.append(len(rows) - 1)
+    if totals:
+        for idx, fit in zip(names, voi_curve_fits(times_h, np.array(totals), nuclide)):
+            rows[idx].update(fit)
+    return rows

@@ -1,0 +1,153 @@
+"""TIA and dosimetry library."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from CoRXRegistrationLib.geometry import Geometry
+from CoRXRegistrationLib.imageio import read_image, write_image
+from TIAMappingLib.dose import hu_to_density, local_deposition_dose
+from TIAMappingLib.nuclides import LU177
+from TIAMappingLib.timecurves import single_time_point_tia, trapezoid_with_physical_tail
+from TIAMappingLib.voi import voi_curve_fits
+from TIAMappingLib.voxel_tia import TIAInputError, compute_voxel_tia
+
+T4 = np.array([4.0, 24.0, 48.0, 120.0])
+LAM_P = LU177.decay_constant_per_h
+
+
+def vol(values):
+    return [np.full((2, 2, 2), v, np.float32) for v in values]
+
+
+def test_physical_constants():
+    assert LU177.half_life_h == pytest.approx(159.528)
+    assert LU177.decay_constant_per_h == pytest.approx(np.log(2) / 159.528)
+
+
+def test_mono_exponential_known_integral():
+    lam = np.log(2) / 40.0
+    r = compute_voxel_tia(vol(2e5 * np.exp(-lam * T4)), T4)
+    assert (r.model == 1).all()
+    assert float(r.tia.mean()) == pytest.approx(2e5 / lam, rel=0.01)
+    assert float(r.fit_rmse.max()) < 1.0 and float(r.fit_r2.min()) > 0.999
+
+
+def test_rising_curve_uses_trapezoid_and_physical_tail():
+    a = np.array([1e4, 2e4, 3e4, 4e4])
+    r = compute_voxel_tia(vol(a), T4)
+    assert (r.model == 2).all()
+    expected = 0.5 * 4 * 1e4 + 0.5 * (1e4 + 2e4) * 20 + 0.5 * (2e4 + 3e4) * 24 + 0.5 * (3e4 + 4e4) * 72 + 4e4 / LAM_P
+    assert float(r.tia.mean()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_slower_than_physical_decay_falls_back():
+    lam = LAM_P * 0.5
+    r = compute_voxel_tia(vol(1e5 * np.exp(-lam * T4)), T4)
+    assert (r.model == 2).all()
+    expected = trapezoid_with_physical_tail(T4, (1e5 * np.exp(-lam * T4))[None], LAM_P)[0]
+    assert float(r.tia.mean()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_exploding_fit_falls_back_and_zero_voxels_are_marked():
+    spike = np.array([1e-3, 1e-3, 1e-3, 1e-3]) * 0 + np.array([0.0, 0.0, 1.0, 0.0])  # one positive point
+    arrays = vol(spike)
+    arrays = [np.stack([a[0], np.zeros_like(a[0])]) for a in arrays]
+    r = compute_voxel_tia(arrays, T4)
+    assert (r.model[0] == 3).all() and (r.model[1] == 0).all() and (r.tia[1] == 0).all()
+
+
+def test_biexponential_with_uptake_integral_within_1pct():
+    t = np.array([1.0, 4.0, 24.0, 48.0, 72.0, 120.0, 168.0])
+    l1, l2, a = np.log(2) / 60.0, np.log(2) / 2.0, 500.0
+    y = a * (np.exp(-l1 * t) - np.exp(-l2 * t))
+    fit = voi_curve_fits(t, y[None])[0]
+    true = a * (1 / l1 - 1 / l2)
+    assert fit["biexp_tia_mbq_h"] == pytest.approx(true, rel=0.01)
+    assert fit["best_model"] in ("biexp", "triexp")
+    assert fit["best_tia_mbq_h"] == pytest.approx(true, rel=0.01)
+
+
+def test_aicc_only_considers_models_it_can_score():
+    fit = voi_curve_fits(T4, (100.0 * np.exp(-0.02 * T4))[None])[0]
+    assert fit["best_model"] == "mono" and np.isnan(fit.get("biexp_aicc", np.nan))
+
+
+def test_single_time_point():
+    t, teff = 72.0, 60.0
+    lam = np.log(2) / teff
+    a = 1e5 * np.exp(-lam * t)
+    assert single_time_point_tia(a, t, teff) == pytest.approx(1e5 / lam, rel=1e-9)
+    r = compute_voxel_tia([np.full((2, 2, 2), a, np.float32)], [t], population_half_life_h=teff)
+    assert (r.model == 4).all() and float(r.tia.mean()) == pytest.approx(1e5 / lam, rel=1e-5)
+    with pytest.raises(TIAInputError, match="population"):
+        compute_voxel_tia([np.ones((2, 2, 2), np.float32)], [t])
+
+
+def test_bad_inputs_are_named():
+    good = vol([4.0, 3.0, 2.0, 1.0])
+    with pytest.raises(TIAInputError, match="strictly increasing"):
+        compute_voxel_tia(good, [4.0, 24.0, 24.0, 120.0])
+    with pytest.raises(TIAInputError, match=">= 0"):
+        compute_voxel_tia(good, [-1.0, 24.0, 48.0, 120.0])
+    bad = [a.copy() for a in good]
+    bad[2][0, 0, 0] = np.nan
+    with pytest.raises(TIAInputError, match="48 h has 1 NaN"):
+        compute_voxel_tia(bad, T4)
+    with pytest.raises(TIAInputError, match="different shapes"):
+        compute_voxel_tia(good[:3] + [np.ones((3, 2, 2), np.float32)], T4)
+    neg = [a.copy() for a in good]
+    neg[1][0, 0, 0] = -5.0
+    assert compute_voxel_tia(neg, T4).negative_voxels_clipped == 1
+
+
+def test_uniform_tia_in_water_gives_hand_calculated_dose():
+    tia = np.full((3, 3, 3), 1e6, np.float32)   # Bq h/mL
+    dose, _ = local_deposition_dose(tia, hu_to_density(np.zeros((3, 3, 3))))
+    # 1e6 Bq h/mL * 3600 s/h = 3.6e9 decays/mL; * 0.1479 MeV * 1.602e-13 J/MeV / 1e-3 kg/mL
+    hand = 3.6e9 * 0.1479 * 1.602176634e-13 / 1e-3
+    assert float(dose.mean()) == pytest.approx(hand, rel=1e-5)
+    assert hand == pytest.approx(0.0853, rel=0.01)  # Gy per MBq h/mL in water
+
+
+# Eq. 6 is mono-exponential from the first scan (4 h): a fast-clearing component of the true curve
+# (spleen 10 % with T ~ 3 h; kidney 30 % with T ~ 2.5 h) is a model error of the method, measured
+# here at ~2.5 % (spleen) and ~3.5 % (kidneys); liver stays within 2 %.
+@pytest.mark.parametrize("name, tolerance", [("liver", 0.02), ("spleen", 0.03), ("kidney_left", 0.045),
+                                             ("kidney_right", 0.045)])
+def test_noise_free_simulated_series_gives_true_organ_tia(small_series, name, tolerance):
+    s = small_series
+    r = compute_voxel_tia(s.truth_activity, s.config.times_h)
+    mask = np.isin(s.labels_spect, s.phantom.voi_labels()[name])
+    est = float(r.tia[mask].sum())
+    true = float(s.truth_tia[mask].sum())
+    assert est == pytest.approx(true, rel=tolerance), name
+
+
+def test_cli_tia_contract(tmp_path, small_series_dir):
+    import json
+    m = json.loads((small_series_dir / "series.json").read_text())
+    # the truth activities are registered (reference frame) SPECT volumes on one grid
+    spects = [str(small_series_dir / p["truth"]["activity"]) for p in m["time_points"]]
+    times = [str(p["hours"]) for p in m["time_points"]]
+    out = tmp_path / "tia"
+    cmd = [sys.executable, "-m", "CoRXRegistrationLib.cli", "tia", "--spect", *spects, "--times", *times,
+           "--segmentation", str(small_series_dir / m["truth"]["segmentation"]),
+           "--ct", str(small_series_dir / m["time_points"][0]["ct"]), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("tia.nii.gz", "fit_rmse.nii.gz", "fit_model.nii.gz", "dose.nii.gz", "voi.csv", "dvh.csv"):
+        assert (out / name).is_file(), name
+    tia, g = read_image(out / "tia.nii.gz")
+    _, g_in = read_image(spects[0])
+    assert g.same_grid(g_in) and tia.max() > 0
+    assert "liver" in (out / "voi.csv").read_text()
+    # bad input: a time missing -> non-zero exit with a clear message, nothing overwritten
+    bad = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 0
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr
+    short = [c for c in cmd if c != times[-1]]
+    r = subprocess.run(short[:-1] + [str(tmp_path / "short")], capture_output=True, text=True)
+    assert r.returncode == 2 and "4 SPECT files but 3 times" in r.stderr
