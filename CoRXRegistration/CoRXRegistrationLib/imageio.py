@@ -50,16 +50,20 @@ def to_sitk(array: np.ndarray, geometry: Geometry, is_vector: bool = False) -> s
     return image
 
 
+def _sitk_read(path: Path, what: str = "file") -> sitk.Image:
+    if not path.is_file():
+        raise ImageFileError(f"{path}: {what} not found")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:  # SimpleITK reports corrupt files this way
+        raise ImageFileError(f"{path}: cannot be read ({str(exc).strip().splitlines()[-1]})") from exc
+
+
 def read_image(path, dtype=np.float32, require_finite: bool = True):
     """Read a scalar 3D volume. Returns (array (z, y, x), Geometry)."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"{path}: file not found")
     _check_suffix(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:  # SimpleITK reports corrupt files this way
-        raise ImageFileError(f"{path}: cannot be read as an image ({str(exc).strip().splitlines()[-1]})") from exc
+    image = _sitk_read(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageFileError(f"{path}: expected a scalar volume, found "
                              f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
@@ -106,12 +110,7 @@ def write_displacement_field(path, field_lps_mm: np.ndarray, geometry: Geometry)
 def read_displacement_field(path):
     """Read a displacement field file. Returns (field (z, y, x, 3) LPS mm, Geometry)."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"{path}: file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ImageFileError(f"{path}: cannot be read ({str(exc).strip().splitlines()[-1]})") from exc
+    image = _sitk_read(path)
     if image.GetNumberOfComponentsPerPixel() != 3:
         raise ImageFileError(f"{path}: a displacement field needs 3 components per voxel, "
                              f"found {image.GetNumberOfComponentsPerPixel()}")
@@ -137,13 +136,8 @@ def read_segmentation(path, names=None):
     mapping, else ``label_<value>``. Multi-layer .seg.nrrd files (overlapping segments) work.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"{path}: segmentation file not found")
     _check_suffix(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ImageFileError(f"{path}: cannot be read ({str(exc).strip().splitlines()[-1]})") from exc
+    image = _sitk_read(path, "segmentation file")
     keys = set(image.GetMetaDataKeys())
     array = sitk.GetArrayFromImage(image)
     if image.GetDimension() == 4 or (image.GetNumberOfComponentsPerPixel() > 1 and array.ndim == 4):
