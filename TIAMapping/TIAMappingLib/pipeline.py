@@ -19,7 +19,7 @@ from CoRXRegistrationLib.resample import resample
 from .dose import cumulative_dvh, hu_to_density, local_deposition_dose
 from .nuclides import LU177, Nuclide
 from .voi import voi_table
-from .voxel_tia import MODEL_CODES, TIAInputError, check_times, compute_voxel_tia
+from .voxel_tia import MODEL_CODES, TIAInputError, check_activity_series, check_times, compute_voxel_tia
 
 
 @dataclass
@@ -72,7 +72,7 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
     rows, dvh = [], {}
     if segments:
         masks = segments_on_grid(segments, seg_geometry or geometry, geometry, messages)
-        rows = voi_table(masks, result_activities(activities), list(result.times_h), geometry.voxel_volume_ml,
+        rows = voi_table(masks, check_activity_series(activities, times_h)[0], list(result.times_h), geometry.voxel_volume_ml,
                          result.tia, dose, nuclide)
         if dose is not None:
             for name, m in masks.items():
@@ -80,10 +80,6 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
                     edges = np.linspace(0.0, float(dose[m].max()) * 1.02 + 1e-9, 101)
                     dvh[name] = (edges, cumulative_dvh(dose[m], edges))
     return TIAOutputs(geometry, result.tia, result.fit_rmse, result.fit_r2, result.model, dose, rows, dvh, messages)
-
-
-def result_activities(activities):
-    return [np.clip(np.asarray(a, np.float32), 0.0, None) for a in activities]
 
 
 def run_tia_files(spect_paths, times_h, out_dir, segmentation=None, ct=None, population_half_life_h=None,
