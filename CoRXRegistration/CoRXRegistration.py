@@ -88,8 +88,87 @@ def gridTransformNodeFromField(field_lps_mm, geometry: Geometry, name: str):
     return node
 
 
+def sessionFromNodes(ctNode, spectNode, label=""):
+    """A CoRXRegistrationLib SpectCt (arrays + LPS geometry) from a CT and a SPECT volume node."""
+    from CoRXRegistrationLib.preprocess import SpectCt
+    return SpectCt(slicer.util.arrayFromVolume(ctNode).astype(np.float32), volumeNodeGeometry(ctNode),
+                   slicer.util.arrayFromVolume(spectNode).astype(np.float32), volumeNodeGeometry(spectNode),
+                   label=label or spectNode.GetName())
+
+
+def addTableNode(rows, name):
+    """A vtkMRMLTableNode with one column per key of ``rows`` (list of dicts; strings or numbers)."""
+    import vtk
+    table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    keys = list(rows[0]) if rows else []
+    for key in keys:
+        column = vtk.vtkStringArray() if isinstance(rows[0][key], str) else vtk.vtkDoubleArray()
+        column.SetName(key)
+        for r in rows:
+            column.InsertNextValue(r[key])
+        table.AddColumn(column)
+    return table
+
+
 class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
-    """Console/batch entry points. Registration itself arrives with the CoRX model."""
+    """Console/batch entry points: load a series, register pairs or a whole series on MRML nodes."""
+
+    def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
+                     device="auto", refineIterations=0, progress=None, cancel=None, name="moving"):
+        """Register the moving SPECT/CT onto the fixed one with CoRX.
+
+        Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid;
+        apply it to any moving volume), "deformedSPECT" (Bq/mL) and "deformedCT" (HU) on the fixed grids,
+        "jacobian" (det of the deformation gradient; <= 0 is folding) and "deformationRGB" (R, G, B =
+        left-right, anterior-posterior, inferior-superior displacement; grey = none), plus "result"
+        (the library's RegistrationResult with metrics and timings).
+        """
+        from CoRXRegistrationLib.engine import register
+        from CoRXRegistrationLib.network.metrics import deformation_rgb
+
+        fixed = sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
+        moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
+        result = register(fixed, moving, model=model, device=device, refine_iterations=refineIterations,
+                          progress=progress, cancel=cancel)
+        g_spect, g_ct = result.fixed_spect_geometry, result.fixed_ct_geometry
+        nodes = {"transform": gridTransformNodeFromField(result.field_spect, g_spect, f"CoRX transform {name}"),
+                 "deformedSPECT": addVolumeNode(result.warped_spect, g_spect, f"SPECT {name} deformed"),
+                 "deformedCT": addVolumeNode(result.warped_ct, g_ct, f"CT {name} deformed"),
+                 "jacobian": addVolumeNode(result.jacobian_spect, g_spect, f"Jacobian {name}"),
+                 "deformationRGB": addVolumeNode(deformation_rgb(result.field_spect).numpy(), g_spect,
+                                                 f"Deformation RGB {name}", "vtkMRMLVectorVolumeNode"),
+                 "result": result}
+        return nodes
+
+    def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",
+                       refineIterations=0, progress=None, cancel=None):
+        """Register every time point to ``referenceIndex``. Returns {"pairs": {hours: nodes},
+        "qaTable": table node with the paper's metrics per pair, "registeredSPECT": SPECT node per time
+        point on the reference SPECT grid (the reference's own node for the reference)}."""
+        from CoRXRegistrationLib.engine import load_model
+        if not (len(ctNodes) == len(spectNodes) == len(timesH)) or len(timesH) < 2:
+            raise ValueError("give one CT, one SPECT and one time (h) per time point, at least 2 time points")
+        if not 0 <= referenceIndex < len(timesH):
+            raise ValueError(f"reference index {referenceIndex} is not one of the {len(timesH)} time points")
+        loaded = load_model(model)
+        pairs, rows, registered = {}, [], []
+        others = [i for i in range(len(timesH)) if i != referenceIndex]
+        for n, i in enumerate(others):
+            sub = None if progress is None else (lambda f, t="", n=n: progress((n + f) / len(others), t))
+            nodes = self.registerPair(ctNodes[referenceIndex], spectNodes[referenceIndex], ctNodes[i],
+                                      spectNodes[i], model=loaded, device=device,
+                                      refineIterations=refineIterations, progress=sub, cancel=cancel,
+                                      name=f"{timesH[i]:g}h")
+            pairs[timesH[i]] = nodes
+            m = nodes["result"].metrics
+            rows.append({"moving (h)": f"{timesH[i]:g}", "fixed (h)": f"{timesH[referenceIndex]:g}",
+                         **{f"{k} before": float(v) for k, v in m["identity"].items()},
+                         **{f"{k} after": float(v) for k, v in m["registered"].items()},
+                         "seconds": float(nodes["result"].timings_s["total"])})
+        for i in range(len(timesH)):
+            registered.append(spectNodes[i] if i == referenceIndex else pairs[timesH[i]]["deformedSPECT"])
+        return {"pairs": pairs, "qaTable": addTableNode(rows, "CoRX registration QA"),
+                "registeredSPECT": registered}
 
     def loadSeries(self, manifestPath, loadTruth=True):
         """Load a CoRX series (``series.json``) as volume nodes; returns {"ct": [...], "spect": [...], ...}."""

@@ -115,3 +115,41 @@ def test_load_simulated_series_into_scene(mrml_scene, small_series_dir):
     assert len(loaded["ct"]) == 4 and len(loaded["truth_transforms"]) == 3
     _, g = read_image(small_series_dir / "spect_024h.nii.gz")
     assert volumeNodeGeometry(loaded["spect"][1]).same_grid(g)
+
+
+def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path):
+    """registerSeries on volume nodes: outputs on the reference grids, a QA table, and a transform node
+    that moves points exactly as the library's field says (checked by hardening a transform)."""
+    import torch
+    from CoRXRegistration import CoRXRegistrationLogic, addVolumeNode, volumeNodeGeometry
+    from CoRXRegistrationLib.network import build_network, named_config
+    from CoRXRegistrationLib.network.checkpoint import save_checkpoint
+    from CoRXRegistrationLib.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    net = build_network(named_config("corx-tiny"))
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.0, 0.0, 0.5]))   # a known 0.5-voxel x shift on the network grid
+    model = save_checkpoint(tmp_path / "tiny.pt", net, PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74).to_dict())
+    s = small_series
+    cts = [addVolumeNode(ct.astype(np.float32), g, f"CT {i}") for i, (ct, g) in enumerate(zip(s.ct, s.ct_geometry))]
+    spects = [addVolumeNode(sp, g, f"SPECT {i}") for i, (sp, g) in enumerate(zip(s.spect, s.spect_geometry))]
+    out = CoRXRegistrationLogic().registerSeries(cts[:2], spects[:2], [4.0, 24.0], 0, model=str(model), device="cpu")
+    nodes = out["pairs"][24.0]
+    assert volumeNodeGeometry(nodes["deformedSPECT"]).same_grid(s.spect_geometry[0])
+    assert volumeNodeGeometry(nodes["deformedCT"]).same_grid(s.ct_geometry[0])
+    assert nodes["deformationRGB"].IsA("vtkMRMLVectorVolumeNode")
+    assert out["qaTable"].GetNumberOfRows() == 1 and out["registeredSPECT"][0] is spects[0]
+    # the grid transform node moves a point by the library's field, converted to RAS
+    result = nodes["result"]
+    g = s.spect_geometry[0]
+    ijk = np.array([30, 32, 28])
+    p = g.index_to_lps(ijk)
+    expected = p + result.field_spect[ijk[2], ijk[1], ijk[0]]
+    moved = nodes["transform"].GetTransformFromParent().TransformPoint(list(lps_to_ras(p)))
+    np.testing.assert_allclose(lps_to_ras(np.array(moved)), expected, atol=1e-3)
+    # the known shift: 0.5 half-resolution voxels = 0.5 * 63/31 network voxels of 7.74 mm along LPS +x
+    np.testing.assert_allclose(result.field_spect[ijk[2], ijk[1], ijk[0]], [0.5 * 63 / 31 * 7.74, 0, 0], atol=0.2)
+    # and the to-parent (inverse) direction maps the moving point back onto the fixed point
+    inverse = nodes["transform"].GetTransformToParent().TransformPoint(list(lps_to_ras(expected)))
+    np.testing.assert_allclose(lps_to_ras(np.array(inverse)), p, atol=0.05)

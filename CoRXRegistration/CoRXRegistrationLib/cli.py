@@ -1,4 +1,5 @@
-"""The ``corx`` command line. Sub-commands: simulate, tia, demo.
+"""The ``corx`` command line. Sub-commands: simulate, tia, demo, register, model-info, prepare-data,
+train, benchmark.
 
 Errors in the input end the command with exit code 2 and one line naming the problem.
 """
@@ -56,8 +57,119 @@ def _cmd_tia(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(args.out, preset=args.preset, seed=args.seed, anatomy=args.anatomy, overwrite=True)
+    run_demo(args.out, preset=args.preset, seed=args.seed, anatomy=args.anatomy, overwrite=True, model=args.model,
+             device=args.device)
     return 0
+
+
+def _cmd_model_info(args) -> int:
+    from .network import NAMED_CONFIGS, PAPER_PARAMETER_COUNTS, build_network, count_parameters
+
+    print(f"{'configuration':<18} {'parameters':>12} {'paper (Table 2)':>16} {'difference':>11}  description")
+    for name, cfg in NAMED_CONFIGS.items():
+        n = count_parameters(build_network(cfg))
+        paper = PAPER_PARAMETER_COUNTS.get(name)
+        diff = f"{100.0 * (n - paper) / paper:+.3f} %" if paper else ""
+        kind = "TransMorph (CT only)" if cfg.architecture == "transmorph" else \
+            ("CoRX-NET" + (" + cross-stitch" if cfg.cross_stitch else " without cross-stitch"))
+        detail = (f"{kind}; embed {cfg.embed_dim}, depths {list(cfg.depths)}, heads {list(cfg.num_heads)}, "
+                  f"window {list(cfg.window_size)}, field at {'full' if cfg.flow_level == 0 else 'half'} resolution, "
+                  f"input {'x'.join(map(str, cfg.image_size))}")
+        print(f"{name:<18} {n:>12,} {f'{paper:,}' if paper else '-':>16} {diff:>11}  {detail}")
+    if args.checkpoint:
+        from .engine import load_model
+        from .network.checkpoint import file_sha256
+        m = load_model(args.checkpoint)
+        print(f"\n{m.source}: {m.network.config.name}, {count_parameters(m.network):,} parameters, "
+              f"sha256 {file_sha256(m.source)[:16]}..., preprocessing {m.preprocess.to_dict()}")
+    return 0
+
+
+def _cmd_register(args) -> int:
+    from .engine import register, write_registration
+    from .imageio import read_image
+    from .preprocess import SpectCt
+
+    def session(ct_path, spect_path, label):
+        ct, ct_g = read_image(ct_path)
+        spect, spect_g = read_image(spect_path)
+        return SpectCt(ct, ct_g, spect, spect_g, label=label)
+
+    fixed = session(args.fixed_ct, args.fixed_spect, "fixed")
+    moving = session(args.moving_ct, args.moving_spect, "moving")
+    result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
+                      progress=TerminalProgress("register"))
+    files = write_registration(result, args.out, overwrite=args.overwrite,
+                               protected=[args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect])
+    for note in result.notes:
+        print(f"note: {note}")
+    for stage in ("identity", "registered"):
+        m = result.metrics[stage]
+        print(f"{stage:>10}: CT L1 {m['ct_l1']:.4f}  CT SSIM {m['ct_ssim']:.4f}  SPECT SSIM {m['spect_ssim']:.4f}  "
+              f"SPECT LNCC {m['spect_lncc']:.4f}  Jacobian<=0 {m['jacobian_nonpositive_percent']:.3f} %")
+    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items()))
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+def _cmd_prepare_data(args) -> int:
+    from .preprocess import PreprocessConfig
+    from .training.prepare import prepare_series, prepare_simulated
+
+    cfg = PreprocessConfig(spect_normalisation=args.spect_normalisation)
+    if args.series:
+        files = prepare_series(args.out, args.series, cfg)
+    else:
+        files = prepare_simulated(args.out, range(args.first_seed, args.first_seed + args.simulate), args.preset, cfg)
+    print(f"{len(files)} patient files in {args.out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .training.loop import TrainConfig, train
+
+    overrides = json.loads(args.network_overrides) if args.network_overrides else {}
+    cfg = TrainConfig(data=args.data, out=args.out, network=args.network, network_overrides=overrides,
+                      epochs=args.epochs, lr=args.lr, val_patients=args.val_patients, seed=args.seed,
+                      augment=not args.no_augment, checkpoint_every=args.checkpoint_every,
+                      max_minutes=args.max_minutes, max_steps=args.max_steps,
+                      lambda_spect=args.lambda_spect, lambda_reg=args.lambda_reg)
+    result = train(cfg, resume=not args.restart, progress=TerminalProgress("train"))
+    print(f"stopped: {result['stopped']} at step {result['step']}; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _cmd_export_model(args) -> int:
+    from .training.export import export_model
+
+    card = export_model(args.checkpoint, args.out, run_dir=args.run, half=not args.float32)
+    print(f"wrote {args.out} ({card['parameters']:,} parameters, sha256 {card['sha256'][:16]}...) and its model card")
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    from .benchmark import benchmark_networks, benchmark_voxel_tia, format_network_table
+    from .network import PAPER_PARAMETER_COUNTS
+
+    print(f"torch {torch_version()}, {_threads()} CPU threads")
+    if not args.skip_networks:
+        rows = benchmark_networks(args.configs, repeats=args.repeats, device=args.device)
+        print(format_network_table(rows, PAPER_PARAMETER_COUNTS))
+    if not args.skip_tia:
+        r = benchmark_voxel_tia(repeats=args.repeats)
+        print(f"\nvoxel TIA {r['shape']}: median {r['median_s']:.2f} s (min {r['min_s']:.2f} s, "
+              f"{r['threads']} threads)")
+    return 0
+
+
+def torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +203,67 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1001)
     d.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural")
     d.add_argument("--preset", choices=["clinical", "small"], default="clinical")
+    d.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     d.set_defaults(func=_cmd_demo)
+
+    mi = sub.add_parser("model-info", help="parameter counts of every named network next to the paper's")
+    mi.add_argument("--checkpoint", help="also describe this checkpoint ('bundled' for the shipped model)")
+    mi.set_defaults(func=_cmd_model_info)
+
+    r = sub.add_parser("register", help="register a moving SPECT/CT onto a fixed SPECT/CT with a CoRX model")
+    for name in ("fixed-ct", "fixed-spect", "moving-ct", "moving-spect"):
+        r.add_argument(f"--{name}", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    r.add_argument("--refine", type=int, default=0, help="instance-optimisation iterations after the network")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=_cmd_register)
+
+    pd = sub.add_parser("prepare-data", help="pack training patients onto the network grid")
+    pd.add_argument("--out", required=True)
+    src = pd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--simulate", type=int, help="number of simulated procedural patients")
+    src.add_argument("--series", help="a series.json, or a folder of series folders (your own data)")
+    pd.add_argument("--first-seed", type=int, default=100)
+    pd.add_argument("--preset", choices=["clinical", "small"], default="clinical")
+    pd.add_argument("--spect-normalisation", choices=["log", "minmax"], default="log")
+    pd.set_defaults(func=_cmd_prepare_data)
+
+    tr = sub.add_parser("train", help="unsupervised training (resumes from OUT/last.pt); works under torchrun")
+    tr.add_argument("--data", required=True, help="folder of patient files from prepare-data")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--network", default="corx-cpu")
+    tr.add_argument("--network-overrides", help='JSON, e.g. \'{"diffeomorphic": true}\'')
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--lambda-spect", type=float, default=0.1)
+    tr.add_argument("--lambda-reg", type=float, default=8e-4)
+    tr.add_argument("--val-patients", type=int, default=2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-augment", action="store_true")
+    tr.add_argument("--checkpoint-every", type=int, default=25)
+    tr.add_argument("--max-minutes", type=float)
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--restart", action="store_true", help="ignore OUT/last.pt")
+    tr.set_defaults(func=_cmd_train)
+
+    ex = sub.add_parser("export-model", help="float16 weights + model card from a training checkpoint")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--run", help="training folder (history and wall time for the card)")
+    ex.add_argument("--float32", action="store_true")
+    ex.set_defaults(func=_cmd_export_model)
+
+    b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time")
+    b.add_argument("--configs", nargs="+", default=["corx-paper", "corx-paper-nocs", "transmorph-paper",
+                                                    "corx-cpu", "corx-cpu-nocs", "transmorph-cpu"])
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--skip-networks", action="store_true")
+    b.add_argument("--skip-tia", action="store_true")
+    b.set_defaults(func=_cmd_benchmark)
     return p
 
 
@@ -99,7 +271,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, GeometryError, ImageFileError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, GeometryError, ImageFileError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"corx {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -168,6 +168,20 @@ class Geometry:
         return Geometry(tuple(shape_zyx), tuple(spacing), tuple(lps[:3, 3]), tuple(direction.ravel()))
 
 
+def displacement_lps_to_voxels(field_lps_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(Z, Y, X, 3) LPS-mm displacement on ``geometry`` -> (3, Z, Y, X) voxel displacement, channels (z, y, x)."""
+    a_inv = np.diag(1.0 / np.asarray(geometry.spacing)) @ geometry.direction_matrix.T
+    ijk = np.asarray(field_lps_mm, np.float32) @ a_inv.T.astype(np.float32)
+    return np.ascontiguousarray(np.moveaxis(ijk[..., ::-1], -1, 0))
+
+
+def displacement_voxels_to_lps(displacement_voxels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(3, Z, Y, X) voxel displacement, channels (z, y, x) -> (Z, Y, X, 3) LPS mm on ``geometry``."""
+    a = geometry.direction_matrix @ np.diag(geometry.spacing)
+    ijk = np.moveaxis(np.asarray(displacement_voxels, np.float32), 0, -1)[..., ::-1]
+    return np.ascontiguousarray(ijk @ a.T.astype(np.float32))
+
+
 def lps_to_ras(points_or_vectors: np.ndarray) -> np.ndarray:
     """Negate x and y: LPS <-> RAS for points and displacement vectors (..., 3)."""
     out = np.array(points_or_vectors, dtype=float, copy=True)

@@ -78,8 +78,9 @@ def read_image(path, dtype=np.float32, require_finite: bool = True):
 
 
 def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = True,
-                overwrite: bool = True) -> Path:
-    """Write a scalar volume with its geometry; creates parent folders."""
+                overwrite: bool = True, is_vector: bool = False) -> Path:
+    """Write a volume with its geometry (``is_vector``: last axis holds components, e.g. RGB);
+    creates parent folders."""
     path = Path(path)
     _check_suffix(path)
     if path.exists() and not overwrite:
@@ -88,7 +89,8 @@ def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = Tr
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageFileError(f"{path}: refusing to write {int((~np.isfinite(array)).sum())} NaN/infinite voxels")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(to_sitk(array, geometry), str(path), useCompression=compress, compressionLevel=1)
+    sitk.WriteImage(to_sitk(array, geometry, is_vector=is_vector), str(path), useCompression=compress,
+                    compressionLevel=1)
     return path
 
 

@@ -58,7 +58,7 @@ def sample_at(volume: np.ndarray | torch.Tensor, source: Geometry, points_lps, m
 
 def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacement=None,
              mode: str = "linear", fill: float = 0.0, chunk_slices: int = 32,
-             displacement_spacing_mm: float | None = None) -> np.ndarray:
+             displacement_spacing_mm: float | None = None, padding: str = "zeros") -> np.ndarray:
     """Resample ``volume`` from ``source`` onto ``target``, through ``displacement`` if given.
 
     displacement: None, a (z, y, x, 3) LPS-mm array on ``target`` (resampling convention),
@@ -67,6 +67,7 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     version of ``target`` (at most that spacing) and interpolated trilinearly: for smooth fields
     this saves most of the time on large grids.
     Returns a numpy array on ``target`` (float32 for float input, else the input dtype).
+    Outside ``source``: ``fill`` (padding="zeros") or the nearest edge value (padding="border").
     Work is chunked along z so a large CT grid never needs the whole coordinate grid at once.
     """
     volume = np.asarray(volume)
@@ -90,7 +91,7 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
             pts = pts + np.asarray(displacement(pts.reshape(-1, 3)), np.float32).reshape(pts.shape)
         elif displacement is not None:
             pts = pts + displacement[z0:z1]
-        out[z0:z1] = sample_at(vol_t, source, torch.from_numpy(pts), mode=mode, fill=fill).numpy()
+        out[z0:z1] = sample_at(vol_t, source, torch.from_numpy(pts), mode=mode, fill=fill, padding=padding).numpy()
     return out
 
 
@@ -110,3 +111,19 @@ def displacement_on_grid(displacement_fn, target: Geometry, max_spacing_mm: floa
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(d, -1, 0)))[None]
     up = F.interpolate(t, size=target.shape, mode="trilinear", align_corners=True)[0]
     return np.ascontiguousarray(up.permute(1, 2, 3, 0).numpy())
+
+
+def sample_vectors(field_zyx3: np.ndarray, geometry: Geometry, points_lps) -> np.ndarray:
+    """Trilinear samples (..., 3) of a (z, y, x, 3) vector field at LPS points; edge values outside."""
+    pts = torch.as_tensor(np.asarray(points_lps, np.float32))
+    vol = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(field_zyx3, np.float32), -1, 0)))
+    return np.moveaxis(sample_at(vol, geometry, pts, padding="border").numpy(), 0, -1)
+
+
+def resample_field(field_zyx3: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
+    """A (z, y, x, 3) displacement field on ``source`` evaluated on ``target`` (trilinear; edge
+    vectors continue outside ``source``). The vectors themselves are physical (LPS mm): unchanged."""
+    field = np.asarray(field_zyx3, np.float32)
+    if field.shape != source.shape + (3,):
+        raise ValueError(f"field shape {field.shape} does not match its geometry {source.shape + (3,)}")
+    return np.stack([resample(field[..., c], source, target, padding="border") for c in range(3)], axis=-1)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..geometry import Geometry
-from ..resample import resample, sample_at
+from ..geometry import Geometry, displacement_lps_to_voxels
+from ..network.metrics import jacobian_determinant as network_jacobian
+from ..resample import resample, sample_at, sample_vectors
 from . import anatomy as A
 
 
@@ -173,32 +174,20 @@ class SessionField:
     inverse_residual_mm: float
 
     def forward_at(self, points_lps) -> np.ndarray:
-        return _sample_vectors(self.forward, self.grid, points_lps)
+        return sample_vectors(self.forward, self.grid, points_lps)
 
     def inverse_at(self, points_lps) -> np.ndarray:
-        return _sample_vectors(self.inverse, self.grid, points_lps)
+        return sample_vectors(self.inverse, self.grid, points_lps)
 
     def jacobian_determinant(self) -> np.ndarray:
         return jacobian_determinant(self.forward, self.grid.spacing)
 
 
-def _sample_vectors(field_zyx3, grid, points_lps) -> np.ndarray:
-    pts = torch.as_tensor(np.asarray(points_lps, np.float32))
-    vol = torch.from_numpy(np.ascontiguousarray(np.moveaxis(field_zyx3, -1, 0)))
-    out = sample_at(vol, grid, pts, padding="border")
-    return np.moveaxis(out.numpy(), 0, -1)
-
-
 def jacobian_determinant(field_zyx3: np.ndarray, spacing_xyz) -> np.ndarray:
     """det(I + grad u) of a displacement field (z, y, x, 3), identity direction, spacing in mm."""
-    grads = []
-    for comp in range(3):
-        gz, gy, gx = np.gradient(field_zyx3[..., comp], spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
-        grads.append((gx, gy, gz))
-    j = [[grads[r][c] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])).astype(np.float32)
+    grid = Geometry(field_zyx3.shape[:3], spacing_xyz, (0.0, 0.0, 0.0))
+    voxels = torch.from_numpy(displacement_lps_to_voxels(field_zyx3, grid))
+    return network_jacobian(voxels)[0].numpy().astype(np.float32)
 
 
 class FoldingError(RuntimeError):

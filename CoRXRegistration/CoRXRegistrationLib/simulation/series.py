@@ -23,13 +23,12 @@ import numpy as np
 from ..geometry import Geometry
 from ..imageio import write_displacement_field, write_image, write_seg_nrrd
 from ..resample import resample
+from ..series_io import MANIFEST_FORMAT, MANIFEST_NAME
 from . import anatomy as A
 from .imaging import EmissionGrid, blur, render_ct, render_spect
 from .kinetics import VoxelKinetics, sample_region_curves
 from .motion import Landmarks, SessionMotion, sample_invertible_session, sample_spect_mismatch, session_field
 
-MANIFEST_NAME = "series.json"
-MANIFEST_FORMAT = "corx-series/1"
 
 
 @dataclass

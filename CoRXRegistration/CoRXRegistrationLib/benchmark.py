@@ -1,0 +1,91 @@
+"""Speed and memory benchmarks (commands, not timed tests): network forward per 128^3 pair for
+every named configuration, and voxel TIA for 128^3 x 4 time points. Each network runs in a fresh
+process so its peak memory is its own."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 ** 2
+
+
+def _forward_worker(name: str, repeats: int, device: str, queue) -> None:
+    try:
+        from .engine import select_device
+        from .network import build_network, count_parameters, named_config
+
+        dev, _ = select_device(device)
+        cfg = named_config(name)
+        net = build_network(cfg).to(dev).eval()
+        x = [torch.rand((1, 1) + cfg.image_size, device=dev) for _ in range(4)]
+        base = _peak_rss_mb()
+        times = []
+        with torch.no_grad():
+            for r in range(repeats + 1):          # first run is warm-up
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                net(*x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:
+                    times.append(time.perf_counter() - t)
+        gpu_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else None
+        queue.put({"config": name, "parameters": count_parameters(net), "size": "x".join(map(str, cfg.image_size)),
+                   "median_s": statistics.median(times), "min_s": min(times), "peak_rss_mb": _peak_rss_mb(),
+                   "rss_before_forward_mb": base, "gpu_peak_mb": gpu_mb, "device": str(dev)})
+    except Exception as exc:  # reported in the table, not raised in the child
+        queue.put({"config": name, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def benchmark_networks(names, repeats: int = 3, device: str = "cpu") -> list:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name in names:
+        q = ctx.Queue()
+        p = ctx.Process(target=_forward_worker, args=(name, repeats, device, q))
+        p.start()
+        rows.append(q.get())
+        p.join()
+    return rows
+
+
+def benchmark_voxel_tia(repeats: int = 3, shape=(128, 128, 128), seed: int = 0) -> dict:
+    """Median time of compute_voxel_tia on a synthetic 4-time-point series with mixed kinetics."""
+    from TIAMappingLib.voxel_tia import compute_voxel_tia
+
+    rng = np.random.default_rng(seed)
+    t = np.array([4.0, 24.0, 48.0, 120.0])
+    a0 = rng.uniform(0, 5e5, shape).astype(np.float32)
+    lam = rng.uniform(0.002, 0.05, shape).astype(np.float32)
+    act = np.stack([a0 * np.exp(-lam * ti) for ti in t]) * rng.normal(1, 0.05, (4,) + shape).astype(np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        compute_voxel_tia(list(act), t)
+        times.append(time.perf_counter() - t0)
+    return {"shape": "x".join(map(str, shape)) + " x 4", "median_s": statistics.median(times), "min_s": min(times),
+            "threads": torch.get_num_threads()}
+
+
+def format_network_table(rows: list, paper: dict) -> str:
+    lines = ["| configuration | parameters | paper | grid | forward median (s) | peak RSS (MB) | GPU peak (MB) |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | error: {r['error']} |||||")
+            continue
+        p = paper.get(r["config"])
+        gpu = f"{r['gpu_peak_mb']:.0f}" if r["gpu_peak_mb"] is not None else "-"
+        lines.append(f"| {r['config']} | {r['parameters']:,} | {f'{p:,}' if p else '-'} | {r['size']} | "
+                     f"{r['median_s']:.2f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""Inference engine: register one (fixed, moving) SPECT/CT pair with a CoRX model.
+
+``register(fixed, moving, model, device="auto", refine_iterations=0, progress=callback)``
+returns the displacement field in LPS mm (resampling convention: fixed point p maps to the moving
+point p + u(p)) on the network grid and on the native fixed SPECT and CT grids, the moving CT and
+SPECT warped onto the native fixed grids, a Jacobian-determinant map and the paper's metrics
+before and after registration. The SPECT warp samples concentration (Bq/mL); it does not
+modulate by the Jacobian, so activity in a VOI is preserved up to interpolation where the
+deformation is locally volume-preserving.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .geometry import Geometry, displacement_lps_to_voxels, displacement_voxels_to_lps
+from .network.checkpoint import load_checkpoint
+from .network.losses import LossWeights, registration_loss
+from .network.metrics import jacobian_determinant, registration_metrics
+from .network.networks import RegistrationNetwork
+from .network.transform import compose, integrate_velocity, warp
+from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, network_grid, normalise_ct,
+                         normalise_spect, onto_grid)
+from .resample import resample
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "corx-bundled.pt"
+METRIC_NORMALISATION = PreprocessConfig(spect_normalisation="minmax")   # the paper's metrics use min-max SPECT
+
+
+class DeviceError(RuntimeError):
+    """The requested compute device does not exist on this machine."""
+
+
+class RegistrationCancelled(RuntimeError):
+    """The user cancelled a registration."""
+
+
+@dataclass
+class RegistrationModel:
+    """A network with the preprocessing it was trained with."""
+    network: RegistrationNetwork
+    preprocess: PreprocessConfig
+    source: str = "in memory"
+    meta: dict = field(default_factory=dict)
+
+
+def load_model(spec=None, device="cpu") -> RegistrationModel:
+    """``spec``: None or "bundled" (the shipped model), a checkpoint path, or a RegistrationModel."""
+    if isinstance(spec, RegistrationModel):
+        return spec
+    path = BUNDLED_MODEL if spec in (None, "bundled") else Path(spec)
+    network, payload = load_checkpoint(path, device)
+    return RegistrationModel(network, PreprocessConfig.from_dict(payload["preprocess"]), str(path),
+                             payload.get("meta", {}))
+
+
+def select_device(requested: str = "auto") -> tuple:
+    """(torch.device, message). "auto": CUDA, else Apple MPS, else CPU. An explicit GPU that is not
+    there raises DeviceError naming what is missing."""
+    requested = (requested or "auto").lower()
+    has_cuda = torch.cuda.is_available()
+    has_mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        if has_cuda:
+            return torch.device("cuda"), f"using GPU {torch.cuda.get_device_name(0)}"
+        if has_mps:
+            return torch.device("mps"), "using Apple GPU (MPS)"
+        return torch.device("cpu"), f"no GPU found; using CPU ({torch.get_num_threads()} threads)"
+    if requested in ("gpu", "cuda") or requested.startswith("cuda:"):
+        if not has_cuda:
+            raise DeviceError(f"device '{requested}' requested but no CUDA GPU is available "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+                              "use device 'auto' or 'cpu'")
+        return torch.device("cuda" if requested == "gpu" else requested), f"using GPU {requested}"
+    if requested == "mps":
+        if not has_mps:
+            raise DeviceError("device 'mps' requested but Apple MPS is not available; use 'auto' or 'cpu'")
+        return torch.device("mps"), "using Apple GPU (MPS)"
+    if requested == "cpu":
+        return torch.device("cpu"), f"using CPU ({torch.get_num_threads()} threads)"
+    raise DeviceError(f"unknown device '{requested}'; choose auto, cpu, cuda (gpu) or mps")
+
+
+@dataclass
+class RegistrationResult:
+    """All outputs of one pair. Fields are (Z, Y, X, 3) LPS mm, resampling convention."""
+    grid: Geometry                        # network grid
+    field_network: np.ndarray             # on ``grid``
+    fixed_spect_geometry: Geometry
+    fixed_ct_geometry: Geometry
+    field_spect: np.ndarray | None = None  # on the fixed SPECT grid
+    field_ct: np.ndarray | None = None     # on the fixed CT grid
+    warped_spect: np.ndarray | None = None  # Bq/mL on the fixed SPECT grid
+    warped_ct: np.ndarray | None = None     # HU on the fixed CT grid
+    jacobian_spect: np.ndarray | None = None  # det(I + grad u) on the fixed SPECT grid
+    metrics: dict = field(default_factory=dict)   # {"identity": {...}, "registered": {...}}
+    timings_s: dict = field(default_factory=dict)
+    device: str = "cpu"
+    notes: list = field(default_factory=list)
+
+
+def _tensor(a: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(device)
+
+
+def predict_displacement(network: RegistrationNetwork, fixed_ct, moving_ct, fixed_spect, moving_spect):
+    """Network forward without gradients; returns (B, 3, Z, Y, X) voxels."""
+    network.eval()
+    with torch.no_grad():
+        return network(fixed_ct, moving_ct, fixed_spect, moving_spect)
+
+
+def refine_displacement(displacement, fixed_ct, moving_ct, fixed_spect, moving_spect, iterations: int,
+                        weights: LossWeights = LossWeights(), lr: float = 0.05, diffeomorphic: bool = False,
+                        progress=None, cancel=None) -> torch.Tensor:
+    """Instance optimisation: correct a predicted field on this pair with the training loss.
+
+    The correction w acts in fixed space before the prediction (T = T_pred o T_w); with
+    ``diffeomorphic`` w = exp(v) by scaling and squaring, so the result stays a diffeomorphism
+    wherever the prediction is one. Adam, ``lr`` voxels per step."""
+    predicted = displacement.detach()
+    v = torch.zeros_like(predicted, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=lr)
+    for it in range(iterations):
+        if cancel is not None and cancel():
+            raise RegistrationCancelled("registration cancelled during refinement")
+        with torch.enable_grad():
+            w = integrate_velocity(v, 5) if diffeomorphic else v
+            total = compose(w, predicted)
+            loss, _ = registration_loss(fixed_ct, warp(moving_ct, total), fixed_spect, warp(moving_spect, total),
+                                        total, weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if progress:
+            progress((it + 1) / iterations, f"refine {it + 1}/{iterations}")
+    with torch.no_grad():
+        w = integrate_velocity(v, 5) if diffeomorphic else v
+        return compose(w, predicted)
+
+
+def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
+             progress=None, cancel=None, native_outputs: bool = True) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` (see module docstring). ``progress(fraction, text)`` and
+    ``cancel() -> bool`` are optional callbacks; cancelling raises RegistrationCancelled."""
+    report = progress or (lambda f, t="": None)
+    timings, notes = {}, []
+
+    def check_cancel(where):
+        if cancel is not None and cancel():
+            raise RegistrationCancelled(f"registration cancelled {where}")
+
+    t0 = time.perf_counter()
+    fixed.validate()
+    moving.validate()
+    torch_device, message = select_device(device)
+    notes.append(message)
+    model = load_model(model, "cpu")
+    cfg = model.preprocess
+    report(0.02, "preprocessing")
+    grid = network_grid(fixed, cfg)
+    raw = [onto_grid(s, grid, cfg) for s in (fixed, moving)]
+    inputs = [(normalise_ct(ct, cfg), normalise_spect(sp, cfg)) for ct, sp in raw]
+    timings["preprocess"] = time.perf_counter() - t0
+    check_cancel("after preprocessing")
+
+    def run_on(dev):
+        net = model.network.to(dev)
+        (fct, fsp), (mct, msp) = [(_tensor(c, dev), _tensor(s, dev)) for c, s in inputs]
+        t = time.perf_counter()
+        report(0.25, f"network on {dev.type}")
+        disp = predict_displacement(net, fct, mct, fsp, msp)
+        timings["network"] = time.perf_counter() - t
+        check_cancel("after the network")
+        if refine_iterations > 0:
+            t = time.perf_counter()
+            sub = (lambda f, txt="": report(0.5 + 0.3 * f, txt))
+            disp = refine_displacement(disp, fct, mct, fsp, msp, refine_iterations,
+                                       diffeomorphic=model.network.config.diffeomorphic, progress=sub, cancel=cancel)
+            timings["refine"] = time.perf_counter() - t
+        return disp
+
+    try:
+        displacement = run_on(torch_device)
+    except torch.OutOfMemoryError:
+        if torch_device.type == "cpu":
+            raise
+        notes.append(f"out of memory on {torch_device}; fell back to CPU")
+        torch.cuda.empty_cache()
+        torch_device = torch.device("cpu")
+        displacement = run_on(torch_device)
+    model.network.to("cpu")
+
+    t = time.perf_counter()
+    disp_cpu = displacement.detach().float().cpu()
+    metric_images = [(_tensor(normalise_ct(ct, METRIC_NORMALISATION), "cpu"), _tensor(normalise_spect(sp, METRIC_NORMALISATION), "cpu"))
+                     for ct, sp in raw]
+    (fct, fsp), (mct, msp) = metric_images
+    metrics = {"identity": registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu)),
+               "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_cpu), disp_cpu)}
+    timings["metrics"] = time.perf_counter() - t
+    field_network = displacement_voxels_to_lps(disp_cpu[0].numpy(), grid)
+    result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry, metrics=metrics,
+                                timings_s=timings, device=str(torch_device), notes=notes)
+    if native_outputs:
+        check_cancel("before native-resolution outputs")
+        report(0.85, "native-resolution outputs")
+        t = time.perf_counter()
+        result.field_spect = field_on_native_grid(field_network, grid, fixed.spect_geometry)
+        result.field_ct = field_on_native_grid(field_network, grid, fixed.ct_geometry)
+        result.warped_spect = resample(np.clip(moving.spect, 0, None), moving.spect_geometry, fixed.spect_geometry,
+                                       displacement=result.field_spect)
+        result.warped_ct = resample(moving.ct, moving.ct_geometry, fixed.ct_geometry, displacement=result.field_ct,
+                                    fill=-1000.0)
+        vox = torch.from_numpy(displacement_lps_to_voxels(result.field_spect, fixed.spect_geometry))
+        result.jacobian_spect = jacobian_determinant(vox)[0].numpy()
+        timings["native"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report(1.0, "done")
+    return result
+
+
+def write_registration(result: RegistrationResult, out_dir, protected=(), overwrite: bool = False) -> dict:
+    """Write a RegistrationResult: Slicer-loadable displacement fields (NRRD, resampling, LPS mm) on
+    the fixed SPECT grid and on the network grid, warped CT/SPECT, Jacobian, RGB deformation, metrics.
+    Refuses to overwrite any path in ``protected`` (the user's inputs) and, unless ``overwrite``,
+    any existing output."""
+    import json
+
+    from .imageio import write_displacement_field, write_image
+    from .network.metrics import deformation_rgb
+
+    out = Path(out_dir)
+    files = {"field_spect": out / "field_spect.nrrd", "field_network": out / "field_network.nrrd",
+             "warped_spect": out / "warped_spect.nii.gz", "warped_ct": out / "warped_ct.nii.gz",
+             "jacobian": out / "jacobian.nii.gz", "deformation_rgb": out / "deformation_rgb.nrrd",
+             "metrics": out / "metrics.json"}
+    guarded = {Path(p).resolve() for p in protected}
+    for f in files.values():
+        if f.resolve() in guarded:
+            raise FileExistsError(f"output {f} would overwrite an input; choose another output folder")
+        if f.exists() and not overwrite:
+            raise FileExistsError(f"{f} exists; choose another output folder or pass overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if result.field_spect is not None:
+        write_displacement_field(files["field_spect"], result.field_spect, result.fixed_spect_geometry)
+        write_image(files["warped_spect"], result.warped_spect, result.fixed_spect_geometry)
+        write_image(files["warped_ct"], np.round(result.warped_ct).astype(np.int16), result.fixed_ct_geometry)
+        write_image(files["jacobian"], result.jacobian_spect, result.fixed_spect_geometry)
+        write_image(files["deformation_rgb"], deformation_rgb(result.field_spect).numpy(),
+                    result.fixed_spect_geometry, is_vector=True)
+    write_displacement_field(files["field_network"], result.field_network, result.grid)
+    summary = {"metrics": result.metrics, "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+               "device": result.device, "notes": result.notes, "network_grid": result.grid.to_dict(),
+               "jacobian_nonpositive_percent_spect_grid":
+                   None if result.jacobian_spect is None else float(100.0 * np.mean(result.jacobian_spect <= 0)),
+               "units": {"fields": "mm, LPS, resampling (fixed point -> moving point)", "warped_spect": "Bq/mL",
+                         "warped_ct": "HU"}}
+    files["metrics"].write_text(json.dumps(summary, indent=2))
+    return {k: str(v) for k, v in files.items() if v.exists()}

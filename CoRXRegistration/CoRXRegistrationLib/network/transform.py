@@ -1,0 +1,63 @@
+"""Spatial transformer on the network grid, velocity integration, field resizing.
+
+Displacements here are (B, 3, Z, Y, X) in voxels of the grid they live on, channels (z, y, x),
+resampling convention: warped(p) = moving(p + u(p)). Conversion to millimetres happens only in
+``preprocess.py`` (network grid <-> LPS).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+def _identity_grid(shape: tuple, device, dtype) -> torch.Tensor:
+    """Voxel coordinates (3, Z, Y, X), channels (z, y, x)."""
+    return torch.stack(torch.meshgrid(*(torch.arange(n, device=device, dtype=dtype) for n in shape),
+                                      indexing="ij"))
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "linear",
+         padding: str = "border") -> torch.Tensor:
+    """Sample ``image`` (B, C, Z, Y, X) at p + u(p). ``mode``: "linear" for images, "nearest" for label maps.
+
+    Outside the grid: "border" repeats the edge (images normalised to a background), "zeros" gives 0.
+    """
+    if displacement.dim() != 5 or displacement.shape[1] != 3:
+        raise ValueError(f"displacement must be (B, 3, Z, Y, X), got {tuple(displacement.shape)}")
+    if tuple(image.shape[2:]) != tuple(displacement.shape[2:]):
+        raise ValueError(f"image grid {tuple(image.shape[2:])} differs from displacement grid "
+                         f"{tuple(displacement.shape[2:])}")
+    shape = displacement.shape[2:]
+    coords = _identity_grid(tuple(shape), displacement.device, displacement.dtype)[None] + displacement
+    scale = torch.tensor([max(n - 1, 1) for n in shape], device=coords.device, dtype=coords.dtype)
+    normalised = 2.0 * coords / scale.view(1, 3, 1, 1, 1) - 1.0
+    grid = normalised.permute(0, 2, 3, 4, 1).flip(-1)          # (B, Z, Y, X, [x, y, z])
+    src = image if image.is_floating_point() else image.to(displacement.dtype)
+    out = F.grid_sample(src, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    return out if image.is_floating_point() else out.round().to(image.dtype)
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of p -> p + first(p) -> then + second(p + first(p))."""
+    return first + warp(second, first, padding="border")
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: exp(v) of a stationary velocity field (voxels), 2^steps compositions."""
+    if steps < 0:
+        raise ValueError("integration steps must be >= 0")
+    u = velocity / (2 ** steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
+def upsample_displacement(displacement: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Resize a voxel displacement field to ``shape`` (corner-aligned) and rescale its voxel units."""
+    old = displacement.shape[2:]
+    out = F.interpolate(displacement, size=tuple(shape), mode="trilinear", align_corners=True)
+    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)], dtype=out.dtype,
+                           device=out.device)
+    return out * factors.view(1, 3, 1, 1, 1)

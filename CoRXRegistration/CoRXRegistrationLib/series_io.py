@@ -1,0 +1,107 @@
+"""Reading a patient's serial SPECT/CT series from a ``series.json`` manifest.
+
+Manifest format ``corx-series/1`` (the simulator writes it; users write the same for their data)::
+
+    {"format": "corx-series/1", "patient_id": "P001", "reference_index": 0,
+     "time_points": [{"hours": 4.0, "ct": "ct_4h.nii.gz", "spect": "spect_4h.nii.gz"}, ...]}
+
+Paths are relative to the manifest's folder. CT in HU, SPECT in Bq/mL, hours after injection.
+Simulated series also carry ``truth`` entries (fields, labels) used for evaluation only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .imageio import ImageFileError, read_image
+from .preprocess import SpectCt
+
+MANIFEST_NAME = "series.json"
+MANIFEST_FORMAT = "corx-series/1"
+
+
+class SeriesError(ValueError):
+    """A series manifest is missing, malformed or names unreadable files."""
+
+
+@dataclass
+class SeriesManifest:
+    path: Path
+    patient_id: str
+    hours: list
+    ct_paths: list
+    spect_paths: list
+    reference_index: int = 0
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def session(self, i: int) -> SpectCt:
+        """Time point ``i`` read from disk (CT as float32 HU, SPECT as float32 Bq/mL)."""
+        ct, ct_g = read_image(self.ct_paths[i])
+        spect, spect_g = read_image(self.spect_paths[i])
+        return SpectCt(ct, ct_g, spect, spect_g, label=f"{self.patient_id} {self.hours[i]:g} h")
+
+    def truth_path(self, i: int, key: str) -> Path | None:
+        rel = self.raw["time_points"][i].get("truth", {}).get(key)
+        return self.folder / rel if rel else None
+
+
+def find_manifest(path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.is_file():
+        raise SeriesError(f"no series manifest at {p} (expected a {MANIFEST_NAME} or a folder holding one)")
+    return p
+
+
+def read_series(path) -> SeriesManifest:
+    """Parse and check a manifest (times strictly increasing, files present)."""
+    p = find_manifest(path)
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise SeriesError(f"{p} is not valid JSON: {exc}") from None
+    if raw.get("format") != MANIFEST_FORMAT:
+        raise SeriesError(f"{p}: expected \"format\": \"{MANIFEST_FORMAT}\"")
+    points = raw.get("time_points") or []
+    if len(points) < 2:
+        raise SeriesError(f"{p}: a series needs at least 2 time points, found {len(points)}")
+    hours, cts, spects = [], [], []
+    for n, tp in enumerate(points):
+        missing = [k for k in ("hours", "ct", "spect") if k not in tp]
+        if missing:
+            raise SeriesError(f"{p}: time point {n} lacks {', '.join(missing)}")
+        hours.append(float(tp["hours"]))
+        for key, bucket in (("ct", cts), ("spect", spects)):
+            f = p.parent / tp[key]
+            if not f.is_file():
+                raise SeriesError(f"{p}: time point {n} {key} file {f} does not exist")
+            bucket.append(f)
+    h = np.asarray(hours)
+    if not np.all(np.isfinite(h)) or np.any(h < 0) or np.any(np.diff(h) <= 0):
+        raise SeriesError(f"{p}: hours after injection must be >= 0 and strictly increasing, got {hours}")
+    ref = int(raw.get("reference_index", 0))
+    if not 0 <= ref < len(points):
+        raise SeriesError(f"{p}: reference_index {ref} is not one of the {len(points)} time points")
+    return SeriesManifest(p, str(raw.get("patient_id", p.parent.name)), hours, cts, spects, ref, raw)
+
+
+def find_series(root) -> list:
+    """Every manifest under ``root`` (a manifest, a series folder, or a folder of series folders)."""
+    r = Path(root)
+    if (r / MANIFEST_NAME).is_file() or r.is_file():
+        return [read_series(r)]
+    found = sorted(r.glob(f"*/{MANIFEST_NAME}")) if r.is_dir() else []
+    if not found:
+        raise SeriesError(f"no {MANIFEST_NAME} found in {r} or its sub-folders")
+    return [read_series(f) for f in found]
+
+
+__all__ = ["SeriesManifest", "SeriesError", "read_series", "find_series", "ImageFileError"]

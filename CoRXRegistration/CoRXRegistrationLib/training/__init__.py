@@ -1,0 +1,1 @@
+"""Unsupervised training of CoRX networks: data preparation, augmentation, the resumable loop."""

@@ -1,0 +1,87 @@
+"""Training data: each patient's series resampled once onto one network grid and stored as a
+weights-only ``.pt`` file, so training never touches native volumes again.
+
+A patient file holds (float16 unless noted): ``ct`` (T, Z, Y, X) normalised CT; ``spect_unit``
+(T, Z, Y, X) SPECT divided by its maximum (float16 cannot hold Bq/mL); ``spect_max_bq_ml`` (T,);
+``hours``; ``grid`` (geometry dict); ``preprocess`` (dict); for simulated series also
+``truth_displacement`` (T, 3, Z, Y, X) network voxels from the reference to each time point and
+``labels`` (uint8, tissue labels on the network grid).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..geometry import Geometry, displacement_lps_to_voxels
+from ..preprocess import PreprocessConfig, SpectCt, network_grid, normalise_ct, normalise_spect, onto_grid
+from ..resample import resample, resample_field
+
+FORMAT = "corx-training-patient/1"
+
+
+def pack_patient(patient_id: str, sessions: list, hours: list, reference_index: int, cfg: PreprocessConfig,
+                 truth_fields: dict | None = None, truth_geometry: Geometry | None = None,
+                 labels: np.ndarray | None = None) -> dict:
+    """Resample a series onto the reference session's network grid and pack it (see module doc).
+    truth_fields: time index -> (Z, Y, X, 3) LPS-mm field on ``truth_geometry`` (reference -> index)."""
+    grid = network_grid(sessions[reference_index], cfg)
+    cts, spects, maxima = [], [], []
+    for s in sessions:
+        ct, spect = onto_grid(s, grid, cfg)
+        peak = float(spect.max())
+        cts.append(torch.from_numpy(normalise_ct(ct, cfg)).half())
+        spects.append(torch.from_numpy(spect / peak).half())
+        maxima.append(peak)
+    packed = {"format": FORMAT, "patient_id": patient_id, "hours": [float(h) for h in hours],
+              "reference_index": int(reference_index), "grid": grid.to_dict(), "preprocess": cfg.to_dict(),
+              "ct": torch.stack(cts), "spect_unit": torch.stack(spects),
+              "spect_max_bq_ml": torch.tensor(maxima, dtype=torch.float64)}
+    if truth_fields is not None:
+        disp = torch.zeros((len(sessions), 3) + grid.shape, dtype=torch.float16)
+        for i, f in truth_fields.items():
+            on_grid = resample_field(f, truth_geometry, grid)
+            disp[i] = torch.from_numpy(displacement_lps_to_voxels(on_grid, grid)).half()
+        packed["truth_displacement"] = disp
+    if labels is not None:
+        packed["labels"] = torch.from_numpy(resample(labels, truth_geometry, grid, mode="nearest").astype(np.uint8))
+    return packed
+
+
+def pack_simulated(series, cfg: PreprocessConfig) -> dict:
+    """Pack a SimulatedSeries with its ground truth (fields and tissue labels)."""
+    sim = series.config
+    sessions = [SpectCt(ct, cg, sp, sg, label=f"seed {sim.seed} {h:g} h")
+                for ct, cg, sp, sg, h in zip(series.ct, series.ct_geometry, series.spect, series.spect_geometry,
+                                             sim.times_h)]
+    return pack_patient(f"sim-{sim.anatomy}-{sim.seed:04d}", sessions, list(sim.times_h), sim.reference_index, cfg,
+                        series.truth_field_spect, series.reference_spect_geometry, series.labels_spect)
+
+
+def save_patient(packed: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(packed, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_patient(path) -> dict:
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a CoRX training patient file ({FORMAT})")
+    return d
+
+
+def session_tensors(patient: dict, index: int, cfg: PreprocessConfig) -> tuple:
+    """(CT, SPECT) network inputs (1, 1, Z, Y, X) float32 for one time point of a packed patient."""
+    ct = patient["ct"][index].float()[None, None]
+    spect = normalise_spect(patient["spect_unit"][index].float().numpy(), cfg)
+    return ct, torch.from_numpy(spect)[None, None]
+
+
+def ordered_pairs(n_points: int) -> list:
+    """Every ordered (fixed, moving) pair of distinct time points."""
+    return [(f, m) for f in range(n_points) for m in range(n_points) if f != m]

@@ -1,0 +1,248 @@
+"""The resumable, deterministic unsupervised training loop (single process or torch DDP).
+
+Data: every ordered (fixed, moving) pair of time points within each training patient; the
+validation patients are held out whole. Randomness (pair order, augmentation) is drawn from
+``numpy.random.default_rng([seed, epoch, position])``, so a run resumed from a checkpoint
+takes exactly the steps the uninterrupted run would have taken. Under ``torchrun`` each rank
+takes every WORLD_SIZE-th pair and DistributedDataParallel averages the gradients (gloo on CPU,
+NCCL on GPU); rank 0 validates, logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..engine import METRIC_NORMALISATION
+from ..network.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..network.config import named_config
+from ..network.losses import LossWeights, registration_loss
+from ..network.metrics import registration_metrics
+from ..network.networks import build_network, count_parameters
+from ..network.transform import warp
+from ..preprocess import PreprocessConfig, normalise_spect
+from .augment import apply_augmentation, sample_augmentation
+from .data import load_patient, ordered_pairs, session_tensors
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``network`` names a configuration; ``network_overrides`` changes fields of it."""
+    data: str = ""
+    out: str = "training_run"
+    network: str = "corx-cpu"
+    network_overrides: dict = field(default_factory=dict)
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lambda_spect: float = 0.1
+    lambda_reg: float = 8e-4
+    val_patients: int = 1
+    seed: int = 0
+    augment: bool = True
+    max_rotation_deg: float = 5.0
+    checkpoint_every: int = 25
+    max_minutes: float | None = None
+    max_steps: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def _patient_files(data_dir) -> list:
+    files = sorted(Path(data_dir).glob("*.pt"))
+    if len(files) < 2:
+        raise ValueError(f"{data_dir}: need at least 2 patient files (*.pt) to hold one out for validation, "
+                         f"found {len(files)}; run 'corx prepare-data' first")
+    return files
+
+
+def split_patients(files: list, n_val: int) -> tuple:
+    """Last ``n_val`` patients (sorted by file name) validate; the rest train."""
+    n_val = min(max(int(n_val), 1), len(files) - 1)
+    return files[:-n_val], files[-n_val:]
+
+
+class PatientCache:
+    def __init__(self):
+        self._cache = {}
+
+    def __call__(self, path) -> dict:
+        key = str(path)
+        if key not in self._cache:
+            self._cache[key] = load_patient(path)
+        return self._cache[key]
+
+
+def pair_batch(patient: dict, fixed: int, moving: int, cfg: PreprocessConfig, device) -> list:
+    fct, fsp = session_tensors(patient, fixed, cfg)
+    mct, msp = session_tensors(patient, moving, cfg)
+    return [t.to(device) for t in (fct, mct, fsp, msp)]
+
+
+def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: PreprocessConfig,
+                  weights: LossWeights, device="cpu") -> dict:
+    """Loss, the paper's metrics and (where the truth is stored) displacement error in mm for one pair."""
+    fct, mct, fsp, msp = pair_batch(patient, fixed, moving, cfg, device)
+    with torch.no_grad():
+        disp = network(fct, mct, fsp, msp)
+        loss, parts = registration_loss(fct, warp(mct, disp), fsp, warp(msp, disp), disp, weights)
+        unit = [torch.from_numpy(normalise_spect(patient["spect_unit"][i].float().numpy(),
+                                                 METRIC_NORMALISATION))[None, None].to(device) for i in (fixed, moving)]
+        out = {"loss": float(loss), **parts,
+               **registration_metrics(fct, warp(mct, disp), unit[0], warp(unit[1], disp), disp)}
+        ref = patient["reference_index"]
+        if "truth_displacement" in patient and fixed == ref:
+            spacing = float(patient["grid"]["spacing_xyz_mm"][0])
+            truth = patient["truth_displacement"][moving].float().to(device)[None]
+            err = (disp - truth).norm(dim=1)[0] * spacing
+            body = fct[0, 0] > 0.25
+            out["displacement_error_body_mm"] = float(err[body].mean())
+            if "labels" in patient:
+                organs = patient["labels"].to(device) > 0
+                out["displacement_error_labels_mm"] = float(err[organs & body].mean()) if (organs & body).any() \
+                    else float("nan")
+            identity_err = truth[0].norm(dim=0) * spacing
+            out["identity_error_body_mm"] = float(identity_err[body].mean())
+    return out
+
+
+def validate(network, files: list, cache: PatientCache, cfg: PreprocessConfig, weights: LossWeights,
+             device="cpu") -> dict:
+    """Mean of :func:`evaluate_pair` over the reference-fixed pairs of every validation patient."""
+    network.eval()
+    rows = []
+    for f in files:
+        p = cache(f)
+        ref = p["reference_index"]
+        rows += [evaluate_pair(network, p, ref, m, cfg, weights, device) for m in range(len(p["hours"])) if m != ref]
+    network.train()
+    keys = rows[0].keys()
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
+
+
+def _distributed() -> tuple:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> dict:
+    """Run (or resume) training; returns {"checkpoint": path, "history": [...], "stopped": reason}."""
+    world, rank = _distributed()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    out = Path(cfg.out)
+    last_path = out / "last.pt"
+    files = _patient_files(cfg.data)
+    train_files, val_files = split_patients(files, cfg.val_patients)
+    cache = PatientCache()
+    prep = PreprocessConfig.from_dict(cache(train_files[0])["preprocess"])
+    weights = LossWeights(cfg.lambda_spect, cfg.lambda_reg)
+
+    net_cfg = named_config(cfg.network, **cfg.network_overrides)
+    torch.manual_seed(cfg.seed)                       # initial weights are part of "deterministic for a seed"
+    network = build_network(net_cfg)
+    start = {"epoch": 0, "position": 0, "step": 0, "history": [], "best": None, "elapsed_s": 0.0}
+    opt_state = None
+    if resume and last_path.is_file():
+        payload = read_checkpoint(last_path)
+        network, _ = load_checkpoint(last_path)
+        if payload["config"] != net_cfg.to_dict():
+            raise ValueError(f"{last_path} was trained with another network configuration; use a new --out")
+        tr = payload["training"]
+        start = {k: tr[k] for k in start}
+        opt_state = tr["optimizer"]
+        if rank == 0:
+            log(f"resuming from {last_path}: epoch {start['epoch']}, position {start['position']}, "
+                f"step {start['step']}")
+    network = network.to(device).train()
+    optimiser = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        optimiser.load_state_dict(opt_state)
+    model = torch.nn.parallel.DistributedDataParallel(network) if world > 1 else network
+
+    pairs = [(fi, f, m) for fi, path in enumerate(train_files) for f, m in ordered_pairs(len(cache(path)["hours"]))]
+    per_rank = len(pairs) // world
+    history, best = list(start["history"]), start["best"]
+    step, t_start, elapsed0 = start["step"], time.perf_counter(), start["elapsed_s"]
+    if rank == 0:
+        log(f"training {net_cfg.name} ({count_parameters(network):,} parameters) on {len(train_files)} patients "
+            f"({len(pairs)} ordered pairs), validating on {len(val_files)}; device {device}, world size {world}")
+
+    def save(epoch, position, reason):
+        if rank != 0:
+            return
+        meta = {"train_config": cfg.to_dict(), "step": step, "epoch": epoch, "reason": reason,
+                "train_patients": [p.stem for p in train_files], "val_patients": [p.stem for p in val_files]}
+        extra = {"epoch": epoch, "position": position, "step": step, "history": history, "best": best,
+                 "elapsed_s": elapsed0 + time.perf_counter() - t_start, "optimizer": optimiser.state_dict()}
+        save_checkpoint(last_path, network, prep.to_dict(), meta, extra=extra)
+
+    stop_reason = "finished"
+    for epoch in range(start["epoch"], cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs))
+        mine = order[rank::world][:per_rank]
+        position = start["position"] if epoch == start["epoch"] else 0
+        running = []
+        while position < per_rank:
+            fi, f, m = pairs[mine[position]]
+            batch = pair_batch(cache(train_files[fi]), f, m, prep, device)
+            if cfg.augment:
+                aug = sample_augmentation(np.random.default_rng([cfg.seed, epoch, position, rank]),
+                                          cfg.max_rotation_deg)
+                batch = apply_augmentation(batch, aug)
+            fct, mct, fsp, msp = batch
+            disp = model(fct, mct, fsp, msp)
+            loss, parts = registration_loss(fct, warp(mct, disp), fsp, warp(msp, disp), disp, weights)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            position += 1
+            running.append(float(loss.detach()))
+            if progress and rank == 0:
+                progress(position / per_rank, f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(running[-20:]):.4f}")
+            over_time = cfg.max_minutes is not None and \
+                (time.perf_counter() - t_start) / 60.0 >= cfg.max_minutes
+            over_steps = cfg.max_steps is not None and step >= cfg.max_steps
+            flag = torch.tensor([1.0 if (over_time or over_steps) else 0.0])
+            if world > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                stop_reason = "time budget" if over_time else "step budget"
+                save(epoch, position, stop_reason)
+                return {"checkpoint": str(last_path), "history": history, "stopped": stop_reason, "step": step}
+            if step % cfg.checkpoint_every == 0:
+                save(epoch, position, "periodic")
+        if rank == 0:
+            val = validate(network, val_files, cache, prep, weights, device)
+            entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(running)) if running else None,
+                     "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 1),
+                     **{f"val_{k}": v for k, v in val.items()}}
+            history.append(entry)
+            log(json.dumps(entry))
+            if best is None or val["loss"] < best["val_loss"]:
+                best = {"epoch": epoch + 1, "val_loss": val["loss"]}
+                save_checkpoint(out / "best.pt", network, prep.to_dict(), {"train_config": cfg.to_dict(),
+                                                                           "epoch": epoch + 1, "step": step,
+                                                                           "validation": val})
+        save(epoch + 1, 0, "epoch end")
+        if world > 1:
+            dist.barrier()
+    return {"checkpoint": str(last_path), "history": history, "stopped": stop_reason, "step": step}

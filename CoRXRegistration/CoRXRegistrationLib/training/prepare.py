@@ -1,0 +1,39 @@
+"""Build a training-data folder: simulated patients (procedural anatomies) or the user's own series."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..preprocess import PreprocessConfig
+from ..series_io import find_series
+from .data import pack_patient, pack_simulated, save_patient
+
+
+def prepare_simulated(out_dir, seeds, preset: str = "clinical", cfg: PreprocessConfig = PreprocessConfig(),
+                      log=print) -> list:
+    """Simulate one procedural patient per seed and pack it (with truth) as ``sim-XXXX.pt``.
+    Existing files are kept, so an interrupted preparation continues where it stopped."""
+    from ..simulation import SimulationConfig, simulate_series
+
+    written = []
+    for seed in seeds:
+        path = Path(out_dir) / f"sim-{seed:04d}.pt"
+        if not path.is_file():
+            t = time.perf_counter()
+            series = simulate_series(SimulationConfig.preset(preset, seed=int(seed)))
+            save_patient(pack_simulated(series, cfg), path)
+            log(f"{path.name}: {time.perf_counter() - t:.1f} s")
+        written.append(path)
+    return written
+
+
+def prepare_series(out_dir, root, cfg: PreprocessConfig = PreprocessConfig(), log=print) -> list:
+    """Pack every series manifest under ``root`` (the user's own unlabeled data; no truth)."""
+    written = []
+    for manifest in find_series(root):
+        sessions = [manifest.session(i) for i in range(len(manifest.hours))]
+        path = Path(out_dir) / f"{manifest.patient_id}.pt"
+        save_patient(pack_patient(manifest.patient_id, sessions, manifest.hours, manifest.reference_index, cfg), path)
+        log(f"{path.name}: {len(sessions)} time points")
+        written.append(path)
+    return written

@@ -1,0 +1,146 @@
+"""Registration engine: preprocessing geometry, native outputs, activity preservation, bad input, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from CoRXRegistrationLib.cli import main as corx_main
+from CoRXRegistrationLib.engine import DeviceError, load_model, register, select_device, write_registration
+from CoRXRegistrationLib.geometry import Geometry, GeometryError
+from CoRXRegistrationLib.imageio import read_displacement_field, read_image, write_image
+from CoRXRegistrationLib.network import build_network, named_config
+from CoRXRegistrationLib.network.checkpoint import save_checkpoint
+from CoRXRegistrationLib.preprocess import PreprocessConfig, SpectCt, network_grid, to_network
+from CoRXRegistrationLib.resample import resample
+
+TINY_PREP = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_network(named_config("corx-tiny"))
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", net, TINY_PREP.to_dict())
+
+
+def session(series, i):
+    return SpectCt(series.ct[i].astype(np.float32), series.ct_geometry[i], series.spect[i],
+                   series.spect_geometry[i], label=f"t{i}")
+
+
+def test_network_grid_is_centred_on_the_body_with_fixed_spect_directions(small_series):
+    fixed = session(small_series, 0)
+    grid = network_grid(fixed, TINY_PREP)
+    assert grid.shape == (64, 64, 64) and grid.spacing == (7.74,) * 3
+    np.testing.assert_allclose(grid.direction, fixed.spect_geometry.direction)
+    body = np.argwhere(fixed.ct > -500)
+    lo, hi = body.min(0)[::-1], body.max(0)[::-1]
+    np.testing.assert_allclose(grid.centre_lps(), fixed.ct_geometry.index_to_lps((lo + hi) / 2), atol=1e-3)
+    ct, spect = to_network(fixed, grid, TINY_PREP)
+    assert 0.0 <= ct.min() and ct.max() <= 1.0 and spect.max() == pytest.approx(1.0)
+
+
+def test_register_produces_native_outputs_on_the_fixed_grids(small_series, tiny_model, tmp_path):
+    fixed, moving = session(small_series, 0), session(small_series, 2)
+    seen = []
+    result = register(fixed, moving, model=tiny_model, device="cpu", refine_iterations=2,
+                      progress=lambda f, t="": seen.append(f))
+    assert seen[-1] == 1.0 and all(b >= a for a, b in zip(seen, seen[1:]))
+    assert result.field_spect.shape == fixed.spect_geometry.shape + (3,)
+    assert result.field_ct.shape == fixed.ct_geometry.shape + (3,)
+    assert result.warped_spect.shape == fixed.spect_geometry.shape
+    assert result.warped_ct.shape == fixed.ct_geometry.shape
+    assert np.isfinite(result.field_spect).all() and np.isfinite(result.jacobian_spect).all()
+    for stage in ("identity", "registered"):
+        assert set(result.metrics[stage]) == {"ct_l1", "ct_ssim", "spect_ssim", "spect_lncc",
+                                              "jacobian_nonpositive_percent"}
+    files = write_registration(result, tmp_path / "reg")
+    field, g = read_displacement_field(files["field_spect"])
+    assert g.same_grid(fixed.spect_geometry) and np.allclose(field, result.field_spect, atol=1e-4)
+    import SimpleITK as sitk
+    rgb = sitk.ReadImage(files["deformation_rgb"])
+    assert rgb.GetNumberOfComponentsPerPixel() == 3 and rgb.GetPixelID() == sitk.sitkVectorUInt8
+    assert rgb.GetSize() == fixed.spect_geometry.size_xyz
+    with pytest.raises(FileExistsError):
+        write_registration(result, tmp_path / "reg")
+
+
+def test_spect_warp_preserves_voi_activity_for_a_known_translation(small_series):
+    """Warping a SPECT by a translation keeps the activity of a VOI within interpolation error."""
+    g = small_series.spect_geometry[0]
+    spect = small_series.spect[0]
+    labels = small_series.labels_spect
+    shift = np.array([5.3, -3.1, 4.4], np.float32)          # mm, not a multiple of the voxel size
+    moved_grid = Geometry(g.shape, g.spacing, tuple(np.asarray(g.origin) + shift), g.direction)
+    # the same activity recorded by a scanner whose frame is displaced: moving(p) lives at p + shift
+    field = np.broadcast_to(shift, g.shape + (3,)).copy()
+    warped = resample(spect, moved_grid, g, displacement=field)
+    np.testing.assert_allclose(warped, spect, atol=1e-3 * spect.max())
+    # and a genuine sub-voxel shift: total activity in a large VOI (liver) changes < 1 %
+    shifted = resample(spect, g, g, displacement=np.broadcast_to(np.float32([2.2, 0, 0]), g.shape + (3,)).copy())
+    back = resample(shifted, g, g, displacement=np.broadcast_to(np.float32([-2.2, 0, 0]), g.shape + (3,)).copy())
+    liver = np.isin(labels, [l for l, n in small_series.phantom.label_names().items() if n == "liver"])
+    assert liver.sum() > 100
+    assert back[liver].sum() == pytest.approx(spect[liver].sum(), rel=0.01)
+
+
+def test_bad_inputs_give_clear_errors(small_series, tiny_model):
+    fixed, moving = session(small_series, 0), session(small_series, 1)
+    nan = session(small_series, 1)
+    nan.spect = nan.spect.copy()
+    nan.spect[3, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        register(fixed, nan, model=tiny_model, device="cpu")
+    wrong = session(small_series, 1)
+    wrong.ct = wrong.ct[:-1]
+    with pytest.raises(GeometryError, match="does not match its geometry"):
+        register(fixed, wrong, model=tiny_model, device="cpu")
+    empty = session(small_series, 1)
+    empty.spect = np.zeros_like(empty.spect)
+    with pytest.raises(ValueError, match="no positive"):
+        register(fixed, empty, model=tiny_model, device="cpu")
+    far = session(small_series, 1)
+    g = far.spect_geometry
+    far.spect_geometry = Geometry(g.shape, g.spacing, tuple(np.asarray(g.origin) + 5000.0), g.direction)
+    with pytest.raises(GeometryError, match="does not overlap"):
+        register(fixed, far, model=tiny_model, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            select_device("cuda")
+    assert select_device("auto")[0].type in ("cpu", "cuda", "mps")
+    with pytest.raises(DeviceError, match="unknown device"):
+        select_device("tpu")
+
+
+def test_cancel_stops_the_registration(small_series, tiny_model):
+    from CoRXRegistrationLib.engine import RegistrationCancelled
+    with pytest.raises(RegistrationCancelled):
+        register(session(small_series, 0), session(small_series, 1), model=tiny_model, device="cpu",
+                 cancel=lambda: True)
+
+
+def test_corx_register_command_and_model_info(small_series_dir, tiny_model, tmp_path, capsys):
+    d = small_series_dir
+    manifest = json.loads((d / "series.json").read_text())
+    tp = manifest["time_points"]
+    args = ["register", "--fixed-ct", str(d / tp[0]["ct"]), "--fixed-spect", str(d / tp[0]["spect"]),
+            "--moving-ct", str(d / tp[1]["ct"]), "--moving-spect", str(d / tp[1]["spect"]),
+            "--model", str(tiny_model), "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert corx_main(args) == 0
+    out = capsys.readouterr().out
+    assert "registered:" in out and (tmp_path / "out" / "field_spect.nrrd").is_file()
+    assert corx_main(args) == 2                      # refuses to overwrite without --overwrite
+    bad = args.copy()
+    bad[bad.index("--model") + 1] = str(tmp_path / "nope.pt")
+    bad[bad.index("--out") + 1] = str(tmp_path / "out2")
+    assert corx_main(bad) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert corx_main(["model-info"]) == 0
+    info = capsys.readouterr().out
+    assert "20,800,563" in info and "9,557,138" in info
+
+
+def test_load_model_reports_preprocessing(tiny_model):
+    m = load_model(tiny_model)
+    assert m.preprocess.grid_size == (64, 64, 64) and m.network.config.name == "corx-tiny"

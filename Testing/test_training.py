@@ -1,0 +1,129 @@
+"""Training: a tiny network overfits one simulated pair; training resumes to the identical next step;
+augmentation keeps pairs consistent; DistributedDataParallel runs with 2 CPU processes (gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from CoRXRegistrationLib.network import build_network, named_config
+from CoRXRegistrationLib.network.checkpoint import read_checkpoint
+from CoRXRegistrationLib.network.losses import registration_loss
+from CoRXRegistrationLib.network.transform import warp
+from CoRXRegistrationLib.preprocess import PreprocessConfig
+from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series
+from CoRXRegistrationLib.training.augment import apply_augmentation
+from CoRXRegistrationLib.training.data import load_patient, pack_simulated, save_patient, session_tensors
+from CoRXRegistrationLib.training.loop import TrainConfig, train
+
+TINY_PREP = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74)
+
+
+@pytest.fixture(scope="module")
+def packed(small_series):
+    return pack_simulated(small_series, TINY_PREP)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, packed):
+    d = tmp_path_factory.mktemp("train_data")
+    save_patient(packed, d / "sim-0011.pt")
+    other = simulate_series(SimulationConfig.preset("small", seed=12, n_tumours=1))
+    save_patient(pack_simulated(other, TINY_PREP), d / "sim-0012.pt")
+    return d
+
+
+def test_tiny_network_overfits_one_simulated_pair(packed):
+    torch.manual_seed(0)
+    net = build_network(named_config("corx-tiny"))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    fct, fsp = session_tensors(packed, 0, TINY_PREP)
+    mct, msp = session_tensors(packed, 2, TINY_PREP)
+    truth = packed["truth_displacement"][2].float()[None]
+    body = fct[0, 0] > 0.25
+
+    def error_mm(d):
+        return float(((d - truth).norm(dim=1)[0] * 7.74)[body].mean())
+
+    losses, errors = [], []
+    for _ in range(15):
+        d = net(fct, mct, fsp, msp)
+        loss, _ = registration_loss(fct, warp(mct, d), fsp, warp(msp, d), d)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        errors.append(error_mm(d.detach()))
+    identity = error_mm(torch.zeros_like(truth))
+    assert identity > 5.0                               # the pair really is misaligned
+    assert losses[-1] < losses[0] - 0.005
+    assert errors[-1] < 0.6 * identity
+
+
+def test_packed_patient_round_trips_weights_only(data_dir):
+    p = load_patient(data_dir / "sim-0011.pt")
+    assert p["ct"].shape == (4, 64, 64, 64) and p["ct"].dtype == torch.float16
+    assert float(p["spect_unit"].max()) == pytest.approx(1.0, abs=1e-3)
+    assert torch.all(p["truth_displacement"][p["reference_index"]] == 0)
+
+
+def test_augmentation_applies_the_same_transform_to_every_image():
+    x = torch.rand(1, 1, 16, 16, 16)
+    out = apply_augmentation([x, x.clone()], {"flip_lr": True, "rotation_deg": 4.0})
+    torch.testing.assert_close(out[0], out[1])
+    same = apply_augmentation([x], {"flip_lr": False, "rotation_deg": 0.0})[0]
+    torch.testing.assert_close(same, x)
+    flipped = apply_augmentation([x], {"flip_lr": True, "rotation_deg": 0.0})[0]
+    torch.testing.assert_close(flipped, torch.flip(x, dims=(4,)))
+
+
+def _weights(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_training_resumes_to_the_identical_next_step(data_dir, tmp_path):
+    common = dict(data=str(data_dir), network="corx-tiny", epochs=1, val_patients=1, seed=3,
+                  checkpoint_every=100, lr=2e-3)
+    straight = train(TrainConfig(out=str(tmp_path / "a"), max_steps=3, **common), log=lambda *a: None)
+    assert straight["step"] == 3
+    train(TrainConfig(out=str(tmp_path / "b"), max_steps=2, **common), log=lambda *a: None)
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), max_steps=3, **common), log=lambda *a: None)
+    assert resumed["step"] == 3
+    wa, wb = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+    # and the run did move the weights
+    fresh = build_network(named_config("corx-tiny")).state_dict()
+    assert any(not torch.equal(fresh[k], wa[k]) for k in fresh if fresh[k].is_floating_point())
+
+
+def test_epoch_end_validates_and_keeps_the_best(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=str(data_dir), out=str(out), network="corx-tiny", epochs=1, val_patients=1,
+                               seed=0, augment=True), log=lambda *a: None)
+    assert result["stopped"] == "finished" and len(result["history"]) == 1
+    h = result["history"][0]
+    for key in ("val_loss", "val_spect_lncc", "val_ct_ssim", "val_displacement_error_body_mm",
+                "val_jacobian_nonpositive_percent"):
+        assert np.isfinite(h[key]), key
+    assert (out / "best.pt").is_file() and h["step"] == 12      # 1 training patient x 12 ordered pairs
+
+
+def test_ddp_with_two_cpu_processes(data_dir, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "CoRXRegistration"),
+                                                       os.path.join(root, "TIAMapping")]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "CoRXRegistrationLib.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "ddp"),
+           "--network", "corx-tiny", "--epochs", "1", "--val-patients", "1", "--max-steps", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout + proc.stderr
+    ckpt = read_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ckpt["training"]["step"] == 2
+    assert json.dumps(ckpt["meta"]["train_config"])  # the run's settings travel with it
