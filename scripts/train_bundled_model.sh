@@ -11,7 +11,7 @@ RUN=${RUN:-output/training/corx-cpu}
 MAX_MINUTES=${MAX_MINUTES:-100}
 
 $CORX prepare-data --simulate 28 --first-seed 100 --preset clinical --out "$DATA"
-$CORX train --data "$DATA" --out "$RUN" --network corx-cpu --epochs 6 --lr 1e-3 --val-patients 2 \
+$CORX train --data "$DATA" --out "$RUN" --network corx-cpu --epochs 6 --lr 2e-3 --val-patients 2 \
     --seed 0 --checkpoint-every 25 --max-minutes "$MAX_MINUTES"
 $CORX export-model --checkpoint "$RUN/best.pt" --run "$RUN" \
     --out CoRXRegistration/Resources/Models/corx-bundled.pt

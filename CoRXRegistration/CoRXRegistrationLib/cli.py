@@ -147,6 +147,27 @@ def _cmd_export_model(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluation import run_evaluation
+
+    models = {"corx": args.model}
+    if args.transmorph:
+        models["transmorph"] = args.transmorph
+    if args.corx_nocs:
+        models["corx-nocs"] = args.corx_nocs
+    if args.quick:
+        result = run_evaluation(args.out, seeds=args.seeds[:1], patient15=False,
+                                protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,
+                                preset="small", elastix_iterations=min(args.elastix_iterations, 100),
+                                refine_iterations=min(args.refine, 5), device=args.device)
+    else:
+        result = run_evaluation(args.out, seeds=args.seeds, patient15=not args.no_patient15, models=models,
+                                preset=args.preset, elastix_iterations=args.elastix_iterations,
+                                refine_iterations=args.refine, device=args.device)
+    print(result["markdown"])
+    return 0
+
+
 def _cmd_benchmark(args) -> int:
     from .benchmark import benchmark_networks, benchmark_voxel_tia, format_network_table
     from .network import PAPER_PARAMETER_COUNTS
@@ -255,6 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--run", help="training folder (history and wall time for the card)")
     ex.add_argument("--float32", action="store_true")
     ex.set_defaults(func=_cmd_export_model)
+
+    ev = sub.add_parser("evaluate", help="identity vs Elastix vs TransMorph vs CoRX on series with ground truth")
+    ev.add_argument("--out", default="output/evaluation")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[5000, 5001, 5002],
+                    help="held-out simulation seeds (training used 100-127)")
+    ev.add_argument("--no-patient15", action="store_true")
+    ev.add_argument("--model", default="bundled", help="the CoRX checkpoint")
+    ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way")
+    ev.add_argument("--corx-nocs", help="a CoRX-without-cross-stitch checkpoint")
+    ev.add_argument("--elastix-iterations", type=int, default=1000)
+    ev.add_argument("--refine", type=int, default=20, help="refinement iterations of the corx-refine method")
+    ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--quick", action="store_true", help="1 small patient, 3 time points, short Elastix (CI)")
+    ev.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time")
     b.add_argument("--configs", nargs="+", default=["corx-paper", "corx-paper-nocs", "transmorph-paper",

@@ -15,6 +15,7 @@ import numpy as np
 
 from TIAMappingLib.pipeline import compute_tia_outputs, write_tia_outputs
 
+from .evaluation import tia_truth_comparison
 from .imageio import read_segmentation, write_image
 from .progress import TerminalProgress
 from .resample import resample
@@ -100,7 +101,7 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
         write_tia_outputs(outputs, out / key, list(cfg.times_h), ["simulated"], overwrite=overwrite)
         for i, a in enumerate(aligned):
             write_image(out / key / f"spect_on_reference_{cfg.times_h[i]:g}h.nii.gz", a, series.reference_spect_geometry)
-        results[key] = _truth_comparison(outputs, series)
+        results[key] = tia_truth_comparison(outputs, series)
         timing[f"tia_{key}"] = time.perf_counter() - t1
         bar(1.0, "done")
     timing["total"] = time.perf_counter() - t0
@@ -110,27 +111,6 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
     (out / "report.md").write_text(_markdown(report))
     print(_markdown(report))
     return report
-
-
-def _truth_comparison(outputs, series) -> dict:
-    """Per VOI: voxel-TIA sum and organ TIA vs the true VOI TIA, and median voxel error vs PSF truth."""
-    truth = series.voi_truth
-    table = {}
-    tia_psf = series.truth_tia_psf
-    for row in outputs.voi_rows:
-        name = row["segment"]
-        if name not in truth or row["status"] != "ok":
-            continue
-        true_tia = truth[name]["tia_mbq_h"]
-        mask = np.isin(series.labels_spect, truth[name]["labels"])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            vox_err = np.abs(outputs.tia[mask] / tia_psf[mask] - 1.0)
-        table[name] = {"true_tia_mbq_h": round(true_tia, 1),
-                       "voxel_tia_sum_mbq_h": round(row["voxel_tia_sum_mbq_h"], 1),
-                       "organ_tia_mbq_h": round(row.get("eq6_tia_mbq_h", float("nan")), 1),
-                       "median_abs_voxel_error_pct_vs_psf_truth": round(float(np.nanmedian(vox_err) * 100), 2),
-                       "mean_dose_gy": round(row.get("mean_gy", float("nan")), 3)}
-    return table
 
 
 def _markdown(report: dict) -> str:

@@ -52,14 +52,17 @@ def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return out
 
 
-def local_cc_squared(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-6) -> torch.Tensor:
-    """Local squared correlation coefficient map (B, 1, Z, Y, X) in a window^3 box."""
+def local_cc_squared(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """Local squared correlation coefficient map (B, 1, Z, Y, X) in a window^3 box.
+
+    ``eps`` stabilises flat windows exactly as VoxelMorph's NCC does on window *sums*; on the means
+    used here that is eps / window^6, so low-contrast tissue (min-max SPECT ~1e-2) still counts."""
     a, b = _as5d(a), _as5d(b)
     mu_a, mu_b = _box_mean(a, window), _box_mean(b, window)
     cross = _box_mean(a * b, window) - mu_a * mu_b
     var_a = torch.clamp(_box_mean(a * a, window) - mu_a * mu_a, min=0.0)
     var_b = torch.clamp(_box_mean(b * b, window) - mu_b * mu_b, min=0.0)
-    return cross * cross / (var_a * var_b + eps)
+    return cross * cross / (var_a * var_b + eps / float(window) ** 6)
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
