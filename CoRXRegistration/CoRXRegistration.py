@@ -205,15 +205,25 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
         self.ui.loadSeriesButton.connect("clicked(bool)", self.onLoadSeries)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.applyButton.enabled = False
-        self.ui.statusLabel.text = "Registration with the bundled CoRX model is not available in this version."
+        self.loaded = None
+        self.ui.statusLabel.text = "Load a series (series.json), then Apply registers every time point to the first."
 
     def onLoadSeries(self):
         with slicer.util.tryWithErrorDisplay("Failed to load the series.", waitCursor=True):
-            loaded = self.logic.loadSeries(self.ui.manifestPathLineEdit.currentPath)
-            self.ui.statusLabel.text = f"Loaded {len(loaded['ct'])} time points."
+            self.loaded = self.logic.loadSeries(self.ui.manifestPathLineEdit.currentPath)
+            self.ui.statusLabel.text = f"Loaded {len(self.loaded['ct'])} time points."
+            self.ui.applyButton.enabled = True
 
     def onApply(self):
-        slicer.util.errorDisplay("Registration with the bundled CoRX model is not available in this version.")
+        def progress(fraction, text=""):
+            self.ui.statusLabel.text = f"{100 * fraction:3.0f} %  {text}"
+            slicer.app.processEvents()
+
+        with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
+            out = self.logic.registerSeries(self.loaded["ct"], self.loaded["spect"], self.loaded["times_h"], 0,
+                                            progress=progress)
+            self.ui.statusLabel.text = (f"Registered {len(out['pairs'])} time points; see the table "
+                                        f"'{out['qaTable'].GetName()}'.")
 
 
 class CoRXRegistrationTest(ScriptedLoadableModuleTest):

@@ -159,11 +159,11 @@ def _cmd_evaluate(args) -> int:
         result = run_evaluation(args.out, seeds=args.seeds[:1], patient15=False,
                                 protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,
                                 preset="small", elastix_iterations=min(args.elastix_iterations, 100),
-                                refine_iterations=min(args.refine, 5), device=args.device)
+                                refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods)
     else:
         result = run_evaluation(args.out, seeds=args.seeds, patient15=not args.no_patient15, models=models,
                                 preset=args.preset, elastix_iterations=args.elastix_iterations,
-                                refine_iterations=args.refine, device=args.device)
+                                refine_iterations=args.refine, device=args.device, methods=args.methods)
     print(result["markdown"])
     return 0
 
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--quick", action="store_true", help="1 small patient, 3 time points, short Elastix (CI)")
+    ev.add_argument("--methods", nargs="+", choices=["identity", "elastix", "transmorph", "corx-nocs", "corx",
+                                                     "corx-refine"], help="a subset (default: every available)")
     ev.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time")

@@ -241,7 +241,11 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runner = MethodRunner(models or {"corx": "bundled"}, elastix_iterations, refine_iterations, device)
-    methods = [m for m in (methods or runner.available()) if m in runner.available() or m in ("identity", "elastix")]
+    unknown = [m for m in (methods or []) if m not in runner.available()]
+    if unknown:
+        raise ValueError(f"methods {unknown} need a checkpoint (--transmorph / --corx-nocs) or are unknown; "
+                         f"available: {runner.available()}")
+    methods = [m for m in runner.available() if m in (methods or runner.available())]
     cfg = runner.models["corx"].preprocess if "corx" in runner.models else PreprocessConfig()
     protocols = protocols or PROTOCOLS
     datasets = [("simulated (held out)", "procedural", s) for s in seeds]
