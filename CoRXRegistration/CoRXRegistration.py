@@ -4,7 +4,6 @@ The Logic works on MRML nodes only through ``slicer.util`` and MRML classes, so 
 Slicer, in ``Slicer --no-main-window --python-script`` and under plain Python with the
 ``slicer-core`` wheel (the tests). Arrays and geometry go to ``CoRXRegistrationLib``.
 """
-import os
 
 import numpy as np
 import slicer

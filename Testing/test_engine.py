@@ -8,7 +8,7 @@ import torch
 from CoRXRegistrationLib.cli import main as corx_main
 from CoRXRegistrationLib.engine import DeviceError, load_model, register, select_device, write_registration
 from CoRXRegistrationLib.geometry import Geometry, GeometryError
-from CoRXRegistrationLib.imageio import read_displacement_field, read_image, write_image
+from CoRXRegistrationLib.imageio import read_displacement_field
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
 from CoRXRegistrationLib.preprocess import PreprocessConfig, SpectCt, network_grid, to_network

@@ -5,8 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from CoRXRegistrationLib.geometry import Geometry
-from CoRXRegistrationLib.imageio import read_image, write_image
+from CoRXRegistrationLib.imageio import read_image
 from TIAMappingLib.dose import hu_to_density, local_deposition_dose
 from TIAMappingLib.nuclides import LU177
 from TIAMappingLib.timecurves import single_time_point_tia, trapezoid_with_physical_tail

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .geometry import GeometryError
 from .imageio import ImageFileError

@@ -6,7 +6,7 @@ other numbers. Units: ``image_size`` in voxels (z, y, x) of the network grid.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 ARCHITECTURES = ("corx", "transmorph")
 
