@@ -144,3 +144,10 @@ def test_corx_register_command_and_model_info(small_series_dir, tiny_model, tmp_
 def test_load_model_reports_preprocessing(tiny_model):
     m = load_model(tiny_model)
     assert m.preprocess.grid_size == (64, 64, 64) and m.network.config.name == "corx-tiny"
+
+
+def test_qa_metrics_can_be_skipped_for_speed(small_series, tiny_model):
+    result = register(session(small_series, 0), session(small_series, 1), model=tiny_model, device="cpu",
+                      native_outputs=False, qa_metrics=False)
+    assert result.metrics == {} and "metrics" not in result.timings_s and result.field_spect is None
+    assert result.field_network.shape == result.grid.shape + (3,)

@@ -88,7 +88,7 @@ class MethodRunner:
         key = "corx" if method == "corx-refine" else method
         refine = self.refine_iterations if method == "corx-refine" else 0
         result = register(fixed, moving, model=self.models[key], device=self.device, refine_iterations=refine,
-                          native_outputs=False)
+                          native_outputs=False, qa_metrics=False)   # metrics are computed alike for every method
         if not result.grid.same_grid(grid):
             raise ValueError(f"model '{key}' uses another network grid ({result.grid.describe()}) than the "
                              f"evaluation ({grid.describe()}); evaluate models with one preprocessing together")
