@@ -9,7 +9,6 @@ from CoRXRegistrationLib.engine import BUNDLED_MODEL, load_model, register
 from CoRXRegistrationLib.evaluation import displacement_error_mm
 from CoRXRegistrationLib.network import count_parameters
 from CoRXRegistrationLib.network.checkpoint import file_sha256
-from CoRXRegistrationLib.preprocess import SpectCt
 
 CARD = BUNDLED_MODEL.with_suffix(".json")
 
@@ -31,8 +30,7 @@ def test_bundled_model_loads_weights_only_and_matches_its_card():
 def test_bundled_model_beats_identity_on_a_simulated_pair(small_series):
     """Seed 11 is not a training seed (100-127). Displacement error against the true field."""
     s = small_series
-    sessions = [SpectCt(ct.astype(np.float32), cg, sp, sg) for ct, cg, sp, sg in
-                zip(s.ct, s.ct_geometry, s.spect, s.spect_geometry)]
+    sessions = s.sessions()
     body = s.labels_spect > 0
     improvements = []
     for moving in (1, 3):

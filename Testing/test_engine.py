@@ -11,7 +11,7 @@ from CoRXRegistrationLib.geometry import Geometry, GeometryError
 from CoRXRegistrationLib.imageio import read_displacement_field
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
-from CoRXRegistrationLib.preprocess import PreprocessConfig, SpectCt, network_grid, to_network
+from CoRXRegistrationLib.preprocess import PreprocessConfig, network_grid, to_network
 from CoRXRegistrationLib.resample import resample
 
 TINY_PREP = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74)
@@ -25,8 +25,7 @@ def tiny_model(tmp_path_factory):
 
 
 def session(series, i):
-    return SpectCt(series.ct[i].astype(np.float32), series.ct_geometry[i], series.spect[i],
-                   series.spect_geometry[i], label=f"t{i}")
+    return series.sessions()[i]
 
 
 def test_network_grid_is_centred_on_the_body_with_fixed_spect_directions(small_series):

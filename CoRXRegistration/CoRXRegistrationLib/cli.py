@@ -86,16 +86,10 @@ def _cmd_model_info(args) -> int:
 
 def _cmd_register(args) -> int:
     from .engine import register, write_registration
-    from .imageio import read_image
-    from .preprocess import SpectCt
+    from .series_io import read_session
 
-    def session(ct_path, spect_path, label):
-        ct, ct_g = read_image(ct_path)
-        spect, spect_g = read_image(spect_path)
-        return SpectCt(ct, ct_g, spect, spect_g, label=label)
-
-    fixed = session(args.fixed_ct, args.fixed_spect, "fixed")
-    moving = session(args.moving_ct, args.moving_spect, "moving")
+    fixed = read_session(args.fixed_ct, args.fixed_spect, "fixed")
+    moving = read_session(args.moving_ct, args.moving_spect, "moving")
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
                       progress=TerminalProgress("register"))
     files = write_registration(result, args.out, overwrite=args.overwrite,

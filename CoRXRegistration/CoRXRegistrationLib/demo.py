@@ -42,13 +42,11 @@ def register_to_reference(series, out_dir, model="bundled", device="auto", overw
     ``out_dir/t<hours>h/``. Returns (SPECT list on the reference SPECT grid, per-time-point summary)."""
     from .engine import load_model, register, write_registration
     from .evaluation import displacement_error_mm
-    from .preprocess import SpectCt
 
     cfg = series.config
     ref = cfg.reference_index
     model = load_model(model)
-    sessions = [SpectCt(ct.astype(np.float32), cg, sp, sg, label=f"{h:g} h") for ct, cg, sp, sg, h in
-                zip(series.ct, series.ct_geometry, series.spect, series.spect_geometry, cfg.times_h)]
+    sessions = series.sessions()
     body = series.labels_spect > 0
     vois = np.isin(series.labels_spect, [c for codes in series.phantom.voi_labels().values() for c in codes])
     aligned, summary = [], {}

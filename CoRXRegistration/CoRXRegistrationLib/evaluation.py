@@ -37,12 +37,6 @@ def displacement_error_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, ma
     return {"mean_mm": float(err.mean()), "p95_mm": float(np.percentile(err, 95)), "voxels": int(m.sum())}
 
 
-def series_sessions(series) -> list:
-    cfg = series.config
-    return [SpectCt(ct.astype(np.float32), cg, sp, sg, label=f"{h:g} h") for ct, cg, sp, sg, h in
-            zip(series.ct, series.ct_geometry, series.spect, series.spect_geometry, cfg.times_h)]
-
-
 def truth_masks(series) -> dict:
     """Body, organ and tumour masks on the reference SPECT grid."""
     vois = series.phantom.voi_labels()
@@ -106,7 +100,7 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
     """Register every moving time point to the reference with every method; returns (pair rows, TIA rows)."""
     from TIAMappingLib.pipeline import compute_tia_outputs
 
-    sessions = series_sessions(series)
+    sessions = series.sessions()
     ref = series.config.reference_index
     ref_g = series.reference_spect_geometry
     grid = network_grid(sessions[ref], cfg)

@@ -43,13 +43,18 @@ class SeriesManifest:
 
     def session(self, i: int) -> SpectCt:
         """Time point ``i`` read from disk (CT as float32 HU, SPECT as float32 Bq/mL)."""
-        ct, ct_g = read_image(self.ct_paths[i])
-        spect, spect_g = read_image(self.spect_paths[i])
-        return SpectCt(ct, ct_g, spect, spect_g, label=f"{self.patient_id} {self.hours[i]:g} h")
+        return read_session(self.ct_paths[i], self.spect_paths[i], f"{self.patient_id} {self.hours[i]:g} h")
 
     def truth_path(self, i: int, key: str) -> Path | None:
         rel = self.raw["time_points"][i].get("truth", {}).get(key)
         return self.folder / rel if rel else None
+
+
+def read_session(ct_path, spect_path, label: str) -> SpectCt:
+    """One session from a CT file (HU) and a SPECT file (Bq/mL), each with its own geometry."""
+    ct, ct_g = read_image(ct_path)
+    spect, spect_g = read_image(spect_path)
+    return SpectCt(ct, ct_g, spect, spect_g, label=label)
 
 
 def find_manifest(path) -> Path:

@@ -110,6 +110,13 @@ class SimulatedSeries:
     def reference_ct_geometry(self) -> Geometry:
         return self.ct_geometry[self.config.reference_index]
 
+    def sessions(self) -> list:
+        """Every time point as a SpectCt (CT as float32 HU, SPECT in Bq/mL), for registration."""
+        from ..preprocess import SpectCt
+        cfg = self.config
+        return [SpectCt(ct.astype(np.float32), cg, sp, sg, label=f"seed {cfg.seed} {h:g} h")
+                for ct, cg, sp, sg, h in zip(self.ct, self.ct_geometry, self.spect, self.spect_geometry, cfg.times_h)]
+
 
 def _scanner_grids(cfg: SimulationConfig, rng, centre):
     """Per-session CT and SPECT grids: same scanner frame, table offset differs by session."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry, displacement_lps_to_voxels
-from ..preprocess import PreprocessConfig, SpectCt, network_grid, normalise_ct, normalise_spect, onto_grid
+from ..preprocess import PreprocessConfig, network_grid, normalise_ct, normalise_spect, onto_grid
 from ..resample import resample, resample_field
 
 FORMAT = "corx-training-patient/1"
@@ -52,10 +52,7 @@ def pack_patient(patient_id: str, sessions: list, hours: list, reference_index: 
 def pack_simulated(series, cfg: PreprocessConfig) -> dict:
     """Pack a SimulatedSeries with its ground truth (fields and tissue labels)."""
     sim = series.config
-    sessions = [SpectCt(ct, cg, sp, sg, label=f"seed {sim.seed} {h:g} h")
-                for ct, cg, sp, sg, h in zip(series.ct, series.ct_geometry, series.spect, series.spect_geometry,
-                                             sim.times_h)]
-    return pack_patient(f"sim-{sim.anatomy}-{sim.seed:04d}", sessions, list(sim.times_h), sim.reference_index, cfg,
+    return pack_patient(f"sim-{sim.anatomy}-{sim.seed:04d}", series.sessions(), list(sim.times_h), sim.reference_index, cfg,
                         series.truth_field_spect, series.reference_spect_geometry, series.labels_spect)
 
 
