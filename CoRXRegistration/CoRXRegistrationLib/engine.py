@@ -23,12 +23,11 @@ from .network.losses import LossWeights, registration_loss
 from .network.metrics import jacobian_determinant, registration_metrics
 from .network.networks import RegistrationNetwork
 from .network.transform import compose, integrate_velocity, warp
-from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, network_grid, normalise_ct,
-                         normalise_spect, onto_grid)
+from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
+                         normalise_ct, normalise_spect, onto_grid)
 from .resample import resample
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "corx-bundled.pt"
-METRIC_NORMALISATION = PreprocessConfig(spect_normalisation="minmax")   # the paper's metrics use min-max SPECT
 
 
 class DeviceError(RuntimeError):
@@ -200,8 +199,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     disp_cpu = displacement.detach().float().cpu()
     metrics = {}
     if qa_metrics:
-        (fct, fsp), (mct, msp) = [(_tensor(normalise_ct(ct, METRIC_NORMALISATION), "cpu"),
-                                   _tensor(normalise_spect(sp, METRIC_NORMALISATION), "cpu")) for ct, sp in raw]
+        (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
         metrics = {"identity": registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu)),
                    "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_cpu), disp_cpu)}
         timings["metrics"] = time.perf_counter() - t

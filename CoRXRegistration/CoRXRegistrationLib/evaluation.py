@@ -19,11 +19,10 @@ import torch
 from .geometry import displacement_lps_to_voxels
 from .network.metrics import registration_metrics
 from .network.transform import warp
-from .preprocess import PreprocessConfig, SpectCt, network_grid, normalise_ct, normalise_spect, onto_grid
+from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, onto_grid
 from .resample import resample, resample_field
 
 PAPER_ROW_ORDER = ["identity", "elastix", "transmorph", "corx-nocs", "corx", "corx-refine"]
-METRIC_NORMALISATION = PreprocessConfig(spect_normalisation="minmax")
 
 
 def displacement_error_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, mask: np.ndarray) -> dict:
@@ -90,9 +89,7 @@ class MethodRunner:
 
 
 def _metric_tensors(session: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
-    ct, spect = onto_grid(session, grid, cfg)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]  # noqa: E731
-    return as_t(normalise_ct(ct, METRIC_NORMALISATION)), as_t(normalise_spect(spect, METRIC_NORMALISATION))
+    return tuple(torch.from_numpy(a)[None, None] for a in metric_images(*onto_grid(session, grid, cfg)))
 
 
 def evaluate_series(series, runner: MethodRunner, methods: list, cfg: PreprocessConfig, dataset: str,

@@ -98,6 +98,14 @@ def normalise_spect(spect: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return a.astype(np.float32)
 
 
+METRIC_NORMALISATION = PreprocessConfig(spect_normalisation="minmax")   # the paper's metrics use min-max SPECT
+
+
+def metric_images(ct_hu: np.ndarray, spect: np.ndarray) -> tuple:
+    """(CT, SPECT) normalised as the paper's metrics expect, whatever a model was trained with."""
+    return normalise_ct(ct_hu, METRIC_NORMALISATION), normalise_spect(spect, METRIC_NORMALISATION)
+
+
 def onto_grid(session: SpectCt, grid: Geometry, cfg: PreprocessConfig) -> tuple:
     """(CT in HU, SPECT in Bq/mL) of one session resampled onto ``grid`` (float32, (Z, Y, X) each).
     CT outside its field of view is air; SPECT outside is 0; negative SPECT is clipped to 0."""

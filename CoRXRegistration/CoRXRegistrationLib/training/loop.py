@@ -19,14 +19,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..engine import METRIC_NORMALISATION
 from ..network.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..network.config import named_config
 from ..network.losses import LossWeights, registration_loss
 from ..network.metrics import registration_metrics
 from ..network.networks import build_network, count_parameters
 from ..network.transform import warp
-from ..preprocess import PreprocessConfig, normalise_spect
+from ..preprocess import METRIC_NORMALISATION, PreprocessConfig, normalise_spect
 from .augment import apply_augmentation, sample_augmentation
 from .data import load_patient, ordered_pairs, session_tensors
 
