@@ -162,10 +162,12 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_benchmark(args) -> int:
+    import torch
+
     from .benchmark import benchmark_networks, benchmark_voxel_tia, format_network_table
     from .network import PAPER_PARAMETER_COUNTS
 
-    print(f"torch {torch_version()}, {_threads()} CPU threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not args.skip_networks:
         rows = benchmark_networks(args.configs, repeats=args.repeats, device=args.device)
         print(format_network_table(rows, PAPER_PARAMETER_COUNTS))
@@ -174,16 +176,6 @@ def _cmd_benchmark(args) -> int:
         print(f"\nvoxel TIA {r['shape']}: median {r['median_s']:.2f} s (min {r['min_s']:.2f} s, "
               f"{r['threads']} threads)")
     return 0
-
-
-def torch_version() -> str:
-    import torch
-    return torch.__version__
-
-
-def _threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def build_parser() -> argparse.ArgumentParser:
