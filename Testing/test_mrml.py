@@ -8,6 +8,15 @@ from CoRXRegistrationLib.geometry import Geometry, lps_to_ras  # noqa: E402
 from CoRXRegistrationLib.imageio import write_displacement_field, write_seg_nrrd  # noqa: E402
 
 
+def read_with_storage(scene, node, storage, path):
+    """Add ``node`` and its storage node to the scene and read ``path`` as Slicer's loaders do."""
+    scene.AddNode(node)
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
 def oblique_geometry():
     c, s = np.cos(0.3), np.sin(0.3)
     direction = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
@@ -36,12 +45,8 @@ def test_displacement_field_file_loads_as_grid_transform_with_right_sign(mrml_sc
     field[..., 0] = 1.5   # +1.5 mm LPS x = towards patient left = -1.5 mm in RAS x
     field[..., 2] = -2.0  # 2 mm inferior
     path = write_displacement_field(tmp_path / "f.nrrd", field, g)
-    node = slicer.vtkMRMLGridTransformNode()
-    mrml_scene["scene"].AddNode(node)
-    storage = slicer.vtkMRMLTransformStorageNode()
-    mrml_scene["scene"].AddNode(storage)
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
+    node = read_with_storage(mrml_scene["scene"], slicer.vtkMRMLGridTransformNode(),
+                             slicer.vtkMRMLTransformStorageNode(), path)
     p = lps_to_ras(g.index_to_lps([3, 3, 2]))
     moved = node.GetTransformFromParent().TransformPoint(list(p))
     np.testing.assert_allclose(np.subtract(moved, p), [-1.5, 0.0, -2.0], atol=1e-4)
@@ -64,12 +69,8 @@ def test_seg_nrrd_loads_into_a_segmentation_node(mrml_scene, tmp_path):
     labels[1:3, 1:4, 1:5] = 1
     labels[3:5, 2:5, 2:6] = 2
     path = write_seg_nrrd(tmp_path / "s.seg.nrrd", labels, {1: "liver", 2: "tumour_1"}, g)
-    node = slicer.vtkMRMLSegmentationNode()
-    mrml_scene["scene"].AddNode(node)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    mrml_scene["scene"].AddNode(storage)
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
+    node = read_with_storage(mrml_scene["scene"], slicer.vtkMRMLSegmentationNode(),
+                             slicer.vtkMRMLSegmentationStorageNode(), path)
     seg = node.GetSegmentation()
     names = sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments()))
     assert names == ["liver", "tumour_1"]
