@@ -41,14 +41,15 @@ def register_to_reference(series, out_dir, model="bundled", device="auto", overw
     """Register every time point to the reference with CoRX; write each pair's outputs under
     ``out_dir/t<hours>h/``. Returns (SPECT list on the reference SPECT grid, per-time-point summary)."""
     from .engine import load_model, register, write_registration
-    from .evaluation import displacement_error_mm
+    from .evaluation import displacement_error_mm, truth_masks
 
     cfg = series.config
     ref = cfg.reference_index
     model = load_model(model)
     sessions = series.sessions()
-    body = series.labels_spect > 0
-    vois = np.isin(series.labels_spect, [c for codes in series.phantom.voi_labels().values() for c in codes])
+    masks = truth_masks(series)
+    body = masks["body"]
+    vois = masks["organs"] | masks.get("tumours", False)          # every VOI of the phantom
     aligned, summary = [], {}
     for i, h in enumerate(cfg.times_h):
         if i == ref:
