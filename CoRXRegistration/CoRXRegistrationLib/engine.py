@@ -1,7 +1,9 @@
 """Inference engine: register one (fixed, moving) SPECT/CT pair with a CoRX model.
 
 ``register(fixed, moving, model, device="auto", refine_iterations=0, progress=callback)``
-returns the displacement field in LPS mm (resampling convention: fixed point p maps to the moving
+first fits the moving CT rigidly to the fixed CT where the model was trained that way
+(``PreprocessConfig.prealign``), then runs the network on the pre-aligned pair; it
+returns the total displacement field in LPS mm (resampling convention: fixed point p maps to the moving
 point p + u(p)) on the network grid and on the native fixed SPECT and CT grids, the moving CT and
 SPECT warped onto the native fixed grids, a Jacobian-determinant map and the paper's metrics
 before and after registration. The SPECT warp samples concentration (Bq/mL); it does not
@@ -22,6 +24,7 @@ from .network.checkpoint import load_checkpoint
 from .network.losses import LossWeights, registration_loss
 from .network.metrics import jacobian_determinant, registration_metrics
 from .network.networks import RegistrationNetwork
+from .network.rigid import prealign_moving
 from .network.transform import compose, integrate_velocity, warp
 from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
                          normalise_ct, normalise_spect, onto_grid)
@@ -172,8 +175,13 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         net = model.network.to(dev)
         (fct, fsp), (mct, msp) = [(_tensor(c, dev), _tensor(s, dev)) for c, s in inputs]
         t = time.perf_counter()
-        report(0.25, f"network on {dev.type}")
-        disp = predict_displacement(net, fct, mct, fsp, msp)
+        report(0.15, f"{cfg.prealign} pre-alignment")
+        initial, mct_pre, msp_pre = prealign_moving(cfg.prealign, fct, mct, msp, cfg.body_level)
+        timings["prealign"] = time.perf_counter() - t
+        check_cancel("after pre-alignment")
+        t = time.perf_counter()
+        report(0.3, f"network on {dev.type}")
+        disp = compose(predict_displacement(net, fct, mct_pre, fsp, msp_pre), initial)
         timings["network"] = time.perf_counter() - t
         check_cancel("after the network")
         if refine_iterations > 0:

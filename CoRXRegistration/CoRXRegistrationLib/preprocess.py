@@ -1,7 +1,9 @@
 """Native SPECT/CT volumes <-> the network grid (128^3 at 3.87 mm by default).
 
 The network grid is defined from the *fixed* time point: the fixed SPECT's axis directions,
-isotropic ``spacing_mm``, centred on the body (CT above ``body_threshold_hu``). Fixed and moving
+isotropic ``spacing_mm``, centred on the body (CT above ``body_threshold_hu``). With
+``prealign="rigid"`` the moving CT is first fitted rigidly to the fixed CT on that grid
+(:mod:`network.rigid`) and the network corrects what is left. Fixed and moving
 CT and SPECT are resampled onto it in physical (LPS) space, so each scanner position is the
 starting point the network corrects. Intensities: CT windowed to [0, 1]; SPECT clipped at 0 and
 min-max ("minmax") or min-max then log ("log", the paper's fix for early high-contrast scans)
@@ -17,6 +19,7 @@ from .geometry import Geometry, GeometryError
 from .resample import resample, resample_field
 
 SPECT_NORMALISATIONS = ("minmax", "log")
+PREALIGN_METHODS = ("none", "rigid")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class PreprocessConfig:
     spect_normalisation: str = "log"
     log_dynamic_range: float = 100.0
     body_threshold_hu: float = -500.0
+    prealign: str = "rigid"
 
     def __post_init__(self):
         object.__setattr__(self, "grid_size", tuple(int(v) for v in self.grid_size))
@@ -35,16 +39,25 @@ class PreprocessConfig:
         if self.spect_normalisation not in SPECT_NORMALISATIONS:
             raise ValueError(f"spect_normalisation must be one of {SPECT_NORMALISATIONS}, "
                              f"got {self.spect_normalisation!r}")
+        if self.prealign not in PREALIGN_METHODS:
+            raise ValueError(f"prealign must be one of {PREALIGN_METHODS}, got {self.prealign!r}")
         if self.ct_window_hu[1] <= self.ct_window_hu[0] or self.spacing_mm <= 0:
             raise ValueError("ct_window_hu must be (low, high) with low < high and spacing_mm > 0")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @property
+    def body_level(self) -> float:
+        """The body threshold on the normalised CT scale."""
+        lo, hi = self.ct_window_hu
+        return float(np.clip((self.body_threshold_hu - lo) / (hi - lo), 0.0, 1.0))
+
     @staticmethod
     def from_dict(d: dict) -> "PreprocessConfig":
+        """Checkpoints written before pre-alignment existed were trained without it ("none")."""
         known = {f.name for f in fields(PreprocessConfig)}
-        return PreprocessConfig(**{k: v for k, v in d.items() if k in known})
+        return PreprocessConfig(**{"prealign": "none", **{k: v for k, v in d.items() if k in known}})
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ from ..network.config import named_config
 from ..network.losses import LossWeights, registration_loss
 from ..network.metrics import registration_metrics
 from ..network.networks import build_network, count_parameters
-from ..network.transform import warp
+from ..network.rigid import prealign_moving
+from ..network.transform import compose, warp
 from ..preprocess import METRIC_NORMALISATION, PreprocessConfig, normalise_spect
 from .augment import apply_augmentation, sample_augmentation
 from .data import load_patient, ordered_pairs, session_tensors
@@ -32,7 +33,10 @@ from .data import load_patient, ordered_pairs, session_tensors
 
 @dataclass
 class TrainConfig:
-    """A training run. ``network`` names a configuration; ``network_overrides`` changes fields of it."""
+    """A training run. ``network`` names a configuration; ``network_overrides`` changes fields of it.
+    ``prealign``: "rigid" fits each moving CT rigidly to its fixed CT before the network (stored in
+    the model, applied again at inference); ``init``: a model or checkpoint whose weights start
+    the run (fine-tuning) instead of the seeded random initialisation."""
     data: str = ""
     out: str = "training_run"
     network: str = "corx-cpu"
@@ -49,6 +53,8 @@ class TrainConfig:
     checkpoint_every: int = 25
     max_minutes: float | None = None
     max_steps: int | None = None
+    prealign: str = "rigid"
+    init: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,19 +90,24 @@ class PatientCache:
         return self._cache[key]
 
 
-def pair_batch(patient: dict, fixed: int, moving: int, cfg: PreprocessConfig, device) -> list:
-    fct, fsp = session_tensors(patient, fixed, cfg)
-    mct, msp = session_tensors(patient, moving, cfg)
-    return [t.to(device) for t in (fct, mct, fsp, msp)]
+def pair_batch(patient: dict, fixed: int, moving: int, cfg: PreprocessConfig, device) -> tuple:
+    """([fixed CT, moving CT, fixed SPECT, moving SPECT] with the moving pair pre-aligned as
+    ``cfg.prealign`` says, pre-alignment displacement (1, 3, Z, Y, X) voxels)."""
+    fct, fsp = (t.to(device) for t in session_tensors(patient, fixed, cfg))
+    mct, msp = (t.to(device) for t in session_tensors(patient, moving, cfg))
+    initial, mct, msp = prealign_moving(cfg.prealign, fct, mct, msp, cfg.body_level)
+    return [fct, mct, fsp, msp], initial
 
 
 def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: PreprocessConfig,
                   weights: LossWeights, device="cpu") -> dict:
     """Loss, the paper's metrics and (where the truth is stored) displacement error in mm for one pair."""
-    fct, mct, fsp, msp = pair_batch(patient, fixed, moving, cfg, device)
+    (fct, mct_pre, fsp, msp_pre), initial = pair_batch(patient, fixed, moving, cfg, device)
     with torch.no_grad():
-        disp = network(fct, mct, fsp, msp)
-        loss, parts = registration_loss(fct, warp(mct, disp), fsp, warp(msp, disp), disp, weights)
+        own = network(fct, mct_pre, fsp, msp_pre)
+        loss, parts = registration_loss(fct, warp(mct_pre, own), fsp, warp(msp_pre, own), own, weights)
+        disp = compose(own, initial)
+        mct = session_tensors(patient, moving, cfg)[0].to(device)
         unit = [torch.from_numpy(normalise_spect(patient["spect_unit"][i].float().numpy(),
                                                  METRIC_NORMALISATION))[None, None].to(device) for i in (fixed, moving)]
         out = {"loss": float(loss), **parts,
@@ -151,12 +162,19 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
     files = _patient_files(cfg.data)
     train_files, val_files = split_patients(files, cfg.val_patients)
     cache = PatientCache()
-    prep = PreprocessConfig.from_dict(cache(train_files[0])["preprocess"])
+    prep = replace(PreprocessConfig.from_dict(cache(train_files[0])["preprocess"]), prealign=cfg.prealign)
     weights = LossWeights(cfg.lambda_spect, cfg.lambda_reg)
 
     net_cfg = named_config(cfg.network, **cfg.network_overrides)
     torch.manual_seed(cfg.seed)                       # initial weights are part of "deterministic for a seed"
     network = build_network(net_cfg)
+    if cfg.init:                                      # same layers required; flags such as diffeomorphic may differ
+        initial, _ = load_checkpoint(cfg.init)
+        try:
+            network.load_state_dict(initial.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"--init {cfg.init}: its {initial.config.name} weights do not fit {net_cfg.name}: "
+                             f"{str(exc).splitlines()[0]}") from None
     start = {"epoch": 0, "position": 0, "step": 0, "history": [], "best": None, "elapsed_s": 0.0}
     opt_state = None
     if resume and last_path.is_file():
@@ -201,7 +219,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         running = []
         while position < per_rank:
             fi, f, m = pairs[mine[position]]
-            batch = pair_batch(cache(train_files[fi]), f, m, prep, device)
+            batch, _ = pair_batch(cache(train_files[fi]), f, m, prep, device)
             if cfg.augment:
                 aug = sample_augmentation(np.random.default_rng([cfg.seed, epoch, position, rank]),
                                           cfg.max_rotation_deg)
