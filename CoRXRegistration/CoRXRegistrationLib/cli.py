@@ -57,7 +57,7 @@ def _cmd_tia(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.out, preset=args.preset, seed=args.seed, anatomy=args.anatomy, overwrite=True, model=args.model,
-             device=args.device)
+             device=args.device, input_path=args.input)
     return 0
 
 
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on a simulated patient, end to end, into an output folder")
     d.add_argument("--out", default="output/demo")
+    d.add_argument("--input", help="your own series (a series.json or its folder) instead of a simulated one")
     d.add_argument("--seed", type=int, default=1001)
     d.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural")
     d.add_argument("--preset", choices=["clinical", "small"], default="clinical")

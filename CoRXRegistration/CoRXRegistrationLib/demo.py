@@ -21,112 +21,206 @@ from .progress import TerminalProgress
 from .resample import resample
 from .simulation import SimulationConfig, simulate_series, write_series
 from .simulation.preview import save_series_preview
+from .figures import save_demo_figure
 
 
-def align_to_reference(series, use_truth: bool) -> list:
-    """SPECT of every time point on the reference SPECT grid (Bq/mL)."""
-    ref = series.config.reference_index
-    ref_g = series.reference_spect_geometry
+def resampled_to_reference(sessions: list, reference_index: int, fields: dict | None = None) -> list:
+    """SPECT (Bq/mL) of every time point on the reference SPECT grid; ``fields``: time index ->
+    displacement (Z, Y, X, 3) LPS mm on that grid (none: only resampled, i.e. no registration)."""
+    ref_g = sessions[reference_index].spect_geometry
     out = []
-    for i, (a, g) in enumerate(zip(series.spect, series.spect_geometry)):
-        if i == ref and g.same_grid(ref_g):
-            out.append(a)
+    for i, s in enumerate(sessions):
+        if i == reference_index:
+            out.append(np.asarray(s.spect, np.float32))
             continue
-        field = series.truth_field_spect.get(i) if use_truth else None
-        out.append(resample(a, g, ref_g, displacement=field))
+        field = (fields or {}).get(i)
+        out.append(resample(np.clip(s.spect, 0, None), s.spect_geometry, ref_g, displacement=field))
     return out
 
 
-def register_to_reference(series, out_dir, model="bundled", device="auto", overwrite=True) -> tuple:
+def register_series(sessions: list, times_h, reference_index: int, out_dir, model="bundled", device="auto",
+                    overwrite=True) -> tuple:
     """Register every time point to the reference with CoRX; write each pair's outputs under
-    ``out_dir/t<hours>h/``. Returns (SPECT list on the reference SPECT grid, per-time-point summary)."""
+    ``out_dir/t<hours>h/``. Returns (SPECT list on the reference SPECT grid, time index ->
+    {"field", "jacobian", "metrics", "seconds", "timings_s", "device"})."""
     from .engine import load_model, register, write_registration
-    from .evaluation import displacement_error_mm, truth_masks
 
-    cfg = series.config
-    ref = cfg.reference_index
     model = load_model(model)
-    sessions = series.sessions()
-    masks = truth_masks(series)
-    body = masks["body"]
-    vois = masks["organs"] | masks.get("tumours", False)          # every VOI of the phantom
-    aligned, summary = [], {}
-    for i, h in enumerate(cfg.times_h):
-        if i == ref:
-            aligned.append(series.spect[i])
+    aligned, pairs = [], {}
+    for i, h in enumerate(times_h):
+        if i == reference_index:
+            aligned.append(np.asarray(sessions[i].spect, np.float32))
             continue
-        result = register(sessions[ref], sessions[i], model=model, device=device,
-                          progress=TerminalProgress(f"register {h:g} h -> {cfg.times_h[ref]:g} h"))
+        result = register(sessions[reference_index], sessions[i], model=model, device=device,
+                          progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"))
         write_registration(result, Path(out_dir) / f"t{h:g}h", overwrite=overwrite)
         aligned.append(result.warped_spect)
-        truth = series.truth_field_spect[i]
-        summary[f"{h:g} h"] = {
-            "seconds": round(result.timings_s["total"], 2), "device": result.device,
-            "metrics": result.metrics,
-            "displacement_error_body": displacement_error_mm(result.field_spect, truth, body),
-            "displacement_error_vois": displacement_error_mm(result.field_spect, truth, vois),
-            "identity_error_body": displacement_error_mm(np.zeros_like(truth), truth, body),
-            "identity_error_vois": displacement_error_mm(np.zeros_like(truth), truth, vois)}
-    return aligned, summary
+        pairs[i] = {"field": result.field_spect, "jacobian": result.jacobian_spect, "metrics": result.metrics,
+                    "seconds": round(result.timings_s["total"], 2), "device": result.device,
+                    "timings_s": {k: round(v, 2) for k, v in result.timings_s.items()}}
+    return aligned, pairs
+
+
+def registration_summary(pairs: dict, times_h, series=None) -> dict:
+    """Per moving time point: seconds, the paper's metrics and, for a simulated series, the
+    displacement error against the true field in the body and in all VOIs (as ``corx evaluate``)."""
+    summary = {}
+    masks = None
+    if series is not None:
+        from .evaluation import displacement_error_mm, truth_masks
+        masks = truth_masks(series)
+        vois = masks["organs"] | masks.get("tumours", False)          # every VOI of the phantom
+    for i, r in pairs.items():
+        row = {k: r[k] for k in ("seconds", "device", "metrics", "timings_s")}
+        row["jacobian_nonpositive_percent_spect_grid"] = 100.0 * float(np.mean(r["jacobian"] <= 0))
+        if masks is not None:
+            truth = series.truth_field_spect[i]
+            zero = np.zeros_like(truth)
+            row.update({"displacement_error_body": displacement_error_mm(r["field"], truth, masks["body"]),
+                        "displacement_error_vois": displacement_error_mm(r["field"], truth, vois),
+                        "identity_error_body": displacement_error_mm(zero, truth, masks["body"]),
+                        "identity_error_vois": displacement_error_mm(zero, truth, vois)})
+        summary[f"{times_h[i]:g} h"] = row
+    return summary
+
+
+def _load_input(input_path, out: Path, overwrite: bool, preset: str, seed: int, anatomy: str) -> dict:
+    """The series to run on: the user's own (manifest or folder) or a freshly simulated one."""
+    if input_path is not None:
+        from .series_io import read_series
+        manifest = read_series(input_path)
+        inputs = [manifest.path, *manifest.ct_paths, *manifest.spect_paths]
+        inside = [f for f in inputs if out.resolve() in Path(f).resolve().parents]
+        if inside:
+            raise ValueError(f"--out {out} holds the input {inside[0]}; choose an output folder outside the series "
+                             "so that nothing you gave is overwritten")
+        sessions = [manifest.session(i) for i in range(len(manifest.hours))]
+        seg = manifest.raw.get("segmentation")
+        segments, seg_g = read_segmentation(manifest.folder / seg) if seg else (None, None)
+        return {"sessions": sessions, "times_h": list(manifest.hours), "reference_index": manifest.reference_index,
+                "segments": segments, "segmentation_geometry": seg_g, "series": None, "manifest": manifest.path,
+                "title": f"CoRX on {manifest.patient_id}"}
+    cfg = SimulationConfig.preset(preset, seed=seed, anatomy=anatomy)
+    series = simulate_series(cfg, progress=TerminalProgress("simulate"))
+    manifest = write_series(series, out / "series", overwrite=overwrite)
+    save_series_preview(series, out / "series" / "preview.png")
+    segments, seg_g = read_segmentation(manifest.parent / "truth" / "segmentation.seg.nrrd")
+    return {"sessions": series.sessions(), "times_h": list(cfg.times_h), "reference_index": cfg.reference_index,
+            "segments": segments, "segmentation_geometry": seg_g, "series": series, "manifest": manifest,
+            "title": f"CoRX demo: simulated 177Lu-DOTATATE patient (seed {seed}, {anatomy}, {preset})"}
 
 
 def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwrite=True, model="bundled",
-             device="auto") -> dict:
+             device="auto", input_path=None) -> dict:
+    """Series -> CoRX registration of every time point -> TIA, dose, VOI tables -> report.
+
+    With ``input_path`` (a series.json or its folder) the user's own series is used; a manifest
+    may name a ``"segmentation"`` on the reference SPECT frame for VOI tables. Otherwise a patient
+    is simulated and every result is also checked against its ground truth, next to *no
+    registration* and *ideal registration* (the simulator's true field)."""
     out = Path(out_dir)
     timing = {}
     t0 = time.perf_counter()
-    cfg = SimulationConfig.preset(preset, seed=seed, anatomy=anatomy)
-    series = simulate_series(cfg, progress=TerminalProgress("1/3 simulate"))
-    manifest = write_series(series, out / "series", overwrite=overwrite)
-    save_series_preview(series, out / "series" / "preview.png")
-    timing["simulate_and_write"] = time.perf_counter() - t0
-    segments, seg_g = read_segmentation(manifest.parent / "truth" / "segmentation.seg.nrrd")
-    ref = cfg.reference_index
-    ct_ref, ct_g = series.ct[ref].astype(np.float32), series.reference_ct_geometry
-    results = {}
+    data = _load_input(input_path, out, overwrite, preset, seed, anatomy)
+    timing["load_or_simulate"] = time.perf_counter() - t0
+    sessions, times_h, ref, series = data["sessions"], data["times_h"], data["reference_index"], data["series"]
+    ref_g = sessions[ref].spect_geometry
     t1 = time.perf_counter()
-    corx_aligned, registration = register_to_reference(series, out / "corx_registration" / "registration",
-                                                       model=model, device=device, overwrite=overwrite)
+    corx_aligned, pairs = register_series(sessions, times_h, ref, out / "corx_registration" / "registration",
+                                          model=model, device=device, overwrite=overwrite)
     timing["corx_registration"] = time.perf_counter() - t1
-    methods = (("no_registration", None), ("corx_registration", corx_aligned), ("ideal_registration", None))
-    for step, (key, given) in enumerate(methods):
+    methods = {"no_registration": None, "corx_registration": corx_aligned}
+    if series is not None:
+        methods["ideal_registration"] = "truth"
+    tables, voi_rows = {}, {}
+    corx_tia = None
+    for key, given in methods.items():
         bar = TerminalProgress(f"TIA ({key.replace('_', ' ')})")
         t1 = time.perf_counter()
         bar(0.0, "align SPECT")
-        aligned = given if given is not None else align_to_reference(series, key == "ideal_registration")
+        if given is None:
+            aligned = resampled_to_reference(sessions, ref)
+        elif given == "truth":
+            aligned = resampled_to_reference(sessions, ref, series.truth_field_spect)
+        else:
+            aligned = given
         bar(0.3, "voxel TIA, dose, VOIs")
-        outputs = compute_tia_outputs(aligned, cfg.times_h, series.reference_spect_geometry, segments, seg_g,
-                                      ct_ref, ct_g)
-        write_tia_outputs(outputs, out / key, list(cfg.times_h), ["simulated"], overwrite=overwrite)
+        outputs = compute_tia_outputs(aligned, times_h, ref_g, data["segments"], data["segmentation_geometry"],
+                                      np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry)
+        write_tia_outputs(outputs, out / key, list(times_h), [str(data["manifest"])], overwrite=overwrite)
         for i, a in enumerate(aligned):
-            write_image(out / key / f"spect_on_reference_{cfg.times_h[i]:g}h.nii.gz", a, series.reference_spect_geometry)
-        results[key] = tia_truth_comparison(outputs, series)
+            write_image(out / key / f"spect_on_reference_{times_h[i]:g}h.nii.gz", a, ref_g)
+        voi_rows[key] = outputs.voi_rows
+        if series is not None:
+            tables[key] = tia_truth_comparison(outputs, series)
+        if key == "corx_registration":
+            corx_tia = outputs.tia
         timing[f"tia_{key}"] = time.perf_counter() - t1
         bar(1.0, "done")
+    timing["report"] = 0.0
     timing["total"] = time.perf_counter() - t0
-    report = {"series": str(manifest), "timing_s": {k: round(v, 2) for k, v in timing.items()},
-              "registration": registration, "vois": results}
+    report = {"series": str(data["manifest"]), "timing_s": {k: round(v, 2) for k, v in timing.items()},
+              "registration": registration_summary(pairs, times_h, series), "vois": tables,
+              "voi_tables": {k: v for k, v in voi_rows.items()}}
+    t1 = time.perf_counter()
+    ct_ref_on_spect = resample(np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry, ref_g,
+                               fill=-1000.0)
+    kidneys = None
+    if data["segments"]:
+        kidneys = np.zeros(ref_g.shape, bool)
+        for name, m in data["segments"].items():
+            if "kidney" in name and data["segmentation_geometry"].same_grid(ref_g):
+                kidneys |= m
+    errors = {k: {v: r["median_abs_voxel_error_pct_vs_psf_truth"] for v, r in t.items()} for k, t in tables.items()}
+    save_demo_figure(out / "report.png", ct_hu=ct_ref_on_spect, geometry=ref_g, times_h=times_h,
+                     reference_index=ref, spect_unregistered=resampled_to_reference(sessions, ref),
+                     spect_registered=corx_aligned, fields={i: p["field"] for i, p in pairs.items()},
+                     jacobians={i: p["jacobian"] for i, p in pairs.items()}, tia_map=corx_tia,
+                     voi_rows=voi_rows["corx_registration"], voi_errors=errors, coronal_mask=kidneys,
+                     title=data["title"], footer=_footer(report))
+    timing["report"] = time.perf_counter() - t1
+    timing["total"] = time.perf_counter() - t0
+    report["timing_s"] = {k: round(v, 2) for k, v in timing.items()}
+    report["timing_share_pct"] = {k: round(100.0 * v / timing["total"], 1) for k, v in timing.items() if k != "total"}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
     print(_markdown(report))
     return report
 
 
+def _footer(report: dict) -> str:
+    """One line per registered time point: seconds, device and (simulated series) the error."""
+    parts = []
+    for tp, r in report["registration"].items():
+        err = r.get("displacement_error_body")
+        extra = f", error {err['mean_mm']:.1f} mm vs {r['identity_error_body']['mean_mm']:.1f} unregistered" \
+            if err else ""
+        parts.append(f"{tp}: {r['seconds']:.1f} s on {r['device']}{extra}")
+    return "CoRX registration (body mean): " + "; ".join(parts)
+
+
 def _markdown(report: dict) -> str:
-    lines = ["# CoRX demo report", "", f"Series: `{report['series']}`", "",
-             "## Registration to the reference (bundled CoRX model)", "",
-             "| time point | s | displacement error body, mean / p95 (mm) | VOIs mean (mm) | identity body / VOIs (mm) "
-             "| SPECT LNCC before -> after | Jacobian <= 0 (%) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for tp, r in report.get("registration", {}).items():
-        eb, ev, ib, iv = (r["displacement_error_body"], r["displacement_error_vois"], r["identity_error_body"],
-                          r["identity_error_vois"])
+    lines = ["# CoRX report", "", f"Series: `{report['series']}`", "", "![report](report.png)", "",
+             "## Registration to the reference (CoRX)", ""]
+    reg = report.get("registration", {})
+    truth = any("displacement_error_body" in r for r in reg.values())
+    head = "| time point | s | SPECT LNCC before -> after | SPECT SSIM before -> after | Jacobian <= 0 (%) |"
+    if truth:
+        head += " displacement error body, mean / p95 (mm) | VOIs mean (mm) | no registration body / VOIs (mm) |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for tp, r in reg.items():
         m0, m1 = r["metrics"]["identity"], r["metrics"]["registered"]
-        lines.append(f"| {tp} | {r['seconds']:.1f} | {eb['mean_mm']:.2f} / {eb['p95_mm']:.2f} | {ev['mean_mm']:.2f} | "
-                     f"{ib['mean_mm']:.2f} / {iv['mean_mm']:.2f} | {m0['spect_lncc']:.3f} -> {m1['spect_lncc']:.3f} | "
-                     f"{m1['jacobian_nonpositive_percent']:.3f} |")
+        row = (f"| {tp} | {r['seconds']:.1f} | {m0['spect_lncc']:.3f} -> {m1['spect_lncc']:.3f} | "
+               f"{m0['spect_ssim']:.3f} -> {m1['spect_ssim']:.3f} | {m1['jacobian_nonpositive_percent']:.3f} |")
+        if truth:
+            eb, ev, ib, iv = (r["displacement_error_body"], r["displacement_error_vois"], r["identity_error_body"],
+                              r["identity_error_vois"])
+            row += (f" {eb['mean_mm']:.2f} / {eb['p95_mm']:.2f} | {ev['mean_mm']:.2f} | "
+                    f"{ib['mean_mm']:.2f} / {iv['mean_mm']:.2f} |")
+        lines.append(row)
     lines.append("")
     for key, table in report["vois"].items():
-        lines += [f"## {key.replace('_', ' ')}", "",
+        lines += [f"## TIA against the truth: {key.replace('_', ' ')}", "",
                   "| VOI | true TIA (MBq h) | voxel TIA sum | organ TIA (Eq. 6) | median voxel error vs PSF truth (%) | mean dose (Gy) |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, r in table.items():
@@ -134,5 +228,19 @@ def _markdown(report: dict) -> str:
                          f"{r['organ_tia_mbq_h']:.0f} | {r['median_abs_voxel_error_pct_vs_psf_truth']:.1f} | "
                          f"{r['mean_dose_gy']:.2f} |")
         lines.append("")
-    lines += ["Timing (s): " + ", ".join(f"{k} {v}" for k, v in report["timing_s"].items()), ""]
+    if not report["vois"]:
+        for key, rows in report.get("voi_tables", {}).items():
+            if not rows:
+                continue
+            lines += [f"## VOIs: {key.replace('_', ' ')}", "",
+                      "| VOI | volume (mL) | organ TIA (Eq. 6, MBq h) | voxel TIA sum (MBq h) | mean dose (Gy) |",
+                      "|---|---:|---:|---:|---:|"]
+            for r in rows:
+                lines.append(f"| {r['segment']} | {r['volume_ml']:.1f} | {r.get('eq6_tia_mbq_h', float('nan')):.0f} | "
+                             f"{r.get('voxel_tia_sum_mbq_h', float('nan')):.0f} | {r.get('mean_gy', float('nan')):.2f} |")
+            lines.append("")
+    share = report.get("timing_share_pct", {})
+    lines += ["## Timing", "", "| step | s | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.1f} | {share.get(k, 100.0):.0f} % |" for k, v in report["timing_s"].items()]
+    lines.append("")
     return "\n".join(lines)
