@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from CoRXRegistrationLib.evaluation import (MethodRunner, PAIR_COLUMNS, displacement_error_mm, evaluate_series,
-                                            summarise)
+                                            summarise, warped_label_dice)
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
 from CoRXRegistrationLib.preprocess import PreprocessConfig
@@ -35,8 +35,11 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     runner = MethodRunner({"corx": str(model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
                           elastix_resolutions=2)
     methods = runner.available()
-    assert methods == ["identity", "elastix", "corx", "corx-refine"]
-    pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None)
+    assert methods == ["identity", "rigid", "elastix", "corx", "corx-refine"]
+    pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None,
+                                 figure_path=tmp_path / "figure.png")
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "figure.png").shape[0] > 500
     assert len(pairs) == len(methods)              # one (reference, moving) pair per method
     for row in pairs:
         for key, _ in PAIR_COLUMNS:
@@ -47,6 +50,13 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
         truth = np.linalg.norm(small_series.truth_field_spect[i], axis=-1)[small_series.labels_spect > 0]
         assert r["spect_error_body_mean_mm"] == pytest.approx(truth.mean(), rel=1e-4)
         assert r["jacobian_nonpositive_percent"] == 0.0
+    i = 1
+    true_dice = warped_label_dice(small_series, i, small_series.truth_field_spect[i])
+    none_dice = warped_label_dice(small_series, i, np.zeros_like(small_series.truth_field_spect[i]))
+    organs = [n for n in true_dice if not n.startswith("tumour")]
+    assert np.mean([true_dice[n] for n in organs]) > np.mean([none_dice[n] for n in organs]) + 0.02
+    assert np.mean([true_dice[n] for n in organs]) > 0.8
+    assert identity[0]["dice_organs_mean"] == pytest.approx(np.mean([none_dice[n] for n in organs]))
     assert {r["method"] for r in tia} == set(methods)
     assert all(np.isfinite(r["median_abs_voxel_error_pct_vs_psf_truth"]) for r in tia)
     md = summarise(pairs, tia, methods)

@@ -18,6 +18,48 @@ def _peak_rss_mb() -> float:
     return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 ** 2
 
 
+class PeakMemory:
+    """Peak resident memory (MB) of this process while a block runs, above its level at entry.
+
+    Samples /proc/self/statm every ``interval_s`` in a thread (Linux); elsewhere ``peak_mb`` is NaN.
+    Methods compared in one process each get their own figure this way, which ru_maxrss cannot give."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s, self.peak_mb = interval_s, float("nan")
+
+    @staticmethod
+    def _rss_mb() -> float | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self):
+        import threading
+        self._base = self._rss_mb()
+        self._top = self._base
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(self.interval_s):
+                v = self._rss_mb()
+                if v is not None and v > self._top:
+                    self._top = v
+        if self._base is not None:
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            last = self._rss_mb()
+            self.peak_mb = max(self._top, last if last is not None else 0.0) - self._base
+        return False
+
+
 def _forward_worker(name: str, repeats: int, device: str, queue) -> None:
     try:
         from .engine import select_device

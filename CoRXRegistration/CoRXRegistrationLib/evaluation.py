@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from .geometry import displacement_lps_to_voxels
-from .network.metrics import registration_metrics
+from .network.metrics import jacobian_determinant, registration_metrics
 from .network.transform import warp
-from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, onto_grid
+from .benchmark import PeakMemory
+from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, normalise_ct, onto_grid
 from .resample import resample, resample_field
 
-PAPER_ROW_ORDER = ["identity", "elastix", "transmorph", "corx-nocs", "corx", "corx-refine"]
+# the paper's rows, plus our rigid CT-CT pre-alignment alone (what the network starts from)
+PAPER_ROW_ORDER = ["identity", "rigid", "elastix", "transmorph", "corx-nocs", "corx", "corx-refine"]
 
 
 def displacement_error_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, mask: np.ndarray) -> dict:
@@ -47,6 +49,20 @@ def truth_masks(series) -> dict:
     return masks
 
 
+def warped_label_dice(series, index: int, field_spect: np.ndarray) -> dict:
+    """Dice of each VOI between the reference labels and the session's own labels pulled onto the
+    reference SPECT grid through ``field_spect`` (nearest neighbour). The true field itself scores
+    below 1 where two nearest-neighbour resamplings on the SPECT grid shift boundaries."""
+    warped = resample(series.labels_session_spect[index], series.spect_geometry[index],
+                      series.reference_spect_geometry, displacement=field_spect, mode="nearest")
+    out = {}
+    for name, codes in series.phantom.voi_labels().items():
+        a, b = np.isin(series.labels_spect, codes), np.isin(warped, codes)
+        total = int(a.sum()) + int(b.sum())
+        out[name] = 2.0 * float((a & b).sum()) / total if total else float("nan")
+    return out
+
+
 def voi_segments(series) -> dict:
     return {name: np.isin(series.labels_spect, codes) for name, codes in series.phantom.voi_labels().items()}
 
@@ -62,7 +78,7 @@ class MethodRunner:
         self.elastix_resolutions = elastix_resolutions
 
     def available(self) -> list:
-        out = ["identity", "elastix"]
+        out = ["identity", "rigid", "elastix"]
         out += [m for m in ("transmorph", "corx-nocs", "corx") if m in self.models]
         if "corx" in self.models and self.refine_iterations > 0:
             out.append("corx-refine")
@@ -71,6 +87,13 @@ class MethodRunner:
     def field(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> np.ndarray:
         if method == "identity":
             return np.zeros(grid.shape + (3,), np.float32)
+        if method == "rigid":
+            from .geometry import displacement_voxels_to_lps
+            from .network.rigid import rigid_prealign
+            fixed_ct, moving_ct = (torch.from_numpy(normalise_ct(onto_grid(s, grid, cfg)[0], cfg))[None, None]
+                                   for s in (fixed, moving))
+            u, _ = rigid_prealign(fixed_ct, moving_ct, cfg.body_level)
+            return displacement_voxels_to_lps(u[0].numpy(), grid)
         if method == "elastix":
             from .baselines.elastix import elastix_register_ct
             fixed_ct, _ = onto_grid(fixed, grid, cfg)
@@ -93,8 +116,9 @@ def _metric_tensors(session: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
 
 
 def evaluate_series(series, runner: MethodRunner, methods: list, cfg: PreprocessConfig, dataset: str,
-                    log=print) -> tuple:
-    """Register every moving time point to the reference with every method; returns (pair rows, TIA rows)."""
+                    log=print, figure_path=None) -> tuple:
+    """Register every moving time point to the reference with every method; returns (pair rows, TIA rows).
+    With ``figure_path``, draws the last moving time point for every method (:func:`figures.save_methods_figure`)."""
     from TIAMappingLib.pipeline import compute_tia_outputs
 
     sessions = series.sessions()
@@ -106,6 +130,8 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
     segments = voi_segments(series)
     patient = f"{series.config.anatomy}-{series.config.seed}"
     pair_rows, tia_rows = [], []
+    shown = max(i for i in range(len(sessions)) if i != ref)
+    figure = {"warped": {}, "fields": {}, "jacobians": {}}
     for method in methods:
         aligned = []
         for i, h in enumerate(series.config.times_h):
@@ -113,13 +139,21 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                 aligned.append(series.spect[i])
                 continue
             t0 = time.perf_counter()
-            field = runner.field(method, sessions[ref], sessions[i], grid, cfg)
+            with PeakMemory() as memory:
+                field = runner.field(method, sessions[ref], sessions[i], grid, cfg)
             seconds = time.perf_counter() - t0
             disp = torch.from_numpy(displacement_lps_to_voxels(field, grid))[None]
             (fct, fsp), (mct, msp) = images[ref], images[i]
             row = {"dataset": dataset, "patient": patient, "moving_h": h, "method": method, "seconds": seconds,
+                   "peak_memory_mb": memory.peak_mb,
                    **registration_metrics(fct, warp(mct, disp), fsp, warp(msp, disp), disp)}
             field_spect = resample_field(field, grid, ref_g)
+            if series.labels_session_spect:
+                dice = warped_label_dice(series, i, field_spect)
+                for group, names in (("organs", [n for n in dice if not n.startswith("tumour")]),
+                                     ("tumours", [n for n in dice if n.startswith("tumour")])):
+                    values = [dice[n] for n in names if np.isfinite(dice[n])]
+                    row[f"dice_{group}_mean"] = float(np.mean(values)) if values else float("nan")
             for truth_name, truth in (("spect", series.truth_field_spect[i]), ("ct", series.truth_field_ct[i])):
                 for mask_name, mask in masks.items():
                     e = displacement_error_mm(field_spect, truth, mask)
@@ -128,12 +162,36 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
             pair_rows.append(row)
             aligned.append(resample(np.clip(series.spect[i], 0, None), series.spect_geometry[i], ref_g,
                                     displacement=field_spect))
+            if i == shown:
+                figure["warped"][method], figure["fields"][method] = aligned[-1], field_spect
+                vox = torch.from_numpy(displacement_lps_to_voxels(field_spect, ref_g))
+                figure["jacobians"][method] = jacobian_determinant(vox)[0].numpy()
             log(f"{dataset} {patient} {h:g} h {method}: {seconds:.1f} s, SPECT error body "
                 f"{row['spect_error_body_mean_mm']:.2f} mm, LNCC {row['spect_lncc']:.4f}")
         outputs = compute_tia_outputs(aligned, series.config.times_h, ref_g, segments, ref_g)
         for name, r in tia_truth_comparison(outputs, series).items():
             tia_rows.append({"dataset": dataset, "patient": patient, "method": method, "voi": name, **r})
+    if figure_path is not None:
+        from .figures import save_methods_figure
+        ct = resample(series.ct[ref].astype(np.float32), series.reference_ct_geometry, ref_g, fill=-1000.0)
+        save_methods_figure(figure_path, ct_hu=ct, geometry=ref_g, fixed_spect=series.spect[ref],
+                            moving_spect=resample(np.clip(series.spect[shown], 0, None), series.spect_geometry[shown],
+                                                  ref_g),
+                            profile_voxel=_largest_tumour_centre(series), title=f"{dataset}: {patient}, "
+                            f"{series.config.times_h[shown]:g} h -> {series.config.times_h[ref]:g} h", **figure)
     return pair_rows, tia_rows
+
+
+def _largest_tumour_centre(series):
+    """(z, y, x) voxel of the largest tumour's centre on the reference SPECT grid (else the liver's, else None)."""
+    vois = series.phantom.voi_labels()
+    best = None
+    for name, codes in vois.items():
+        mask = np.isin(series.labels_spect, codes)
+        rank = (name.startswith("tumour"), int(mask.sum()))
+        if mask.any() and (name.startswith("tumour") or name == "liver") and (best is None or rank > best[0]):
+            best = (rank, tuple(int(round(c)) for c in np.argwhere(mask).mean(axis=0)))
+    return best[1] if best else None
 
 
 def tia_truth_comparison(outputs, series) -> dict:
@@ -165,7 +223,8 @@ PAIR_COLUMNS = [("ct_l1", "CT L1"), ("ct_ssim", "CT SSIM"), ("spect_ssim", "SPEC
                 ("spect_error_body_mean_mm", "SPECT-field error body (mm)"),
                 ("spect_error_organs_mean_mm", "organs (mm)"), ("spect_error_tumours_mean_mm", "tumours (mm)"),
                 ("spect_error_organs_p95_mm", "organs p95 (mm)"), ("ct_error_body_mean_mm", "CT-field error body (mm)"),
-                ("seconds", "s / pair")]
+                ("dice_organs_mean", "Dice organs"), ("dice_tumours_mean", "Dice tumours"),
+                ("seconds", "s / pair"), ("peak_memory_mb", "peak memory (MB)")]
 
 
 def _mean_sd(values) -> str:
@@ -242,11 +301,15 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
     datasets = [("simulated (held out)", "procedural", s) for s in seeds]
     if patient15:
         datasets.append(("patient15 anatomy (external)", "patient15", 0))
-    pair_rows, tia_rows = [], []
+    pair_rows, tia_rows, figures = [], [], []
     for proto_name, times in protocols.items():
         for dataset, anatomy, seed in datasets:
             series = simulate_series(SimulationConfig.preset(preset, seed=int(seed), anatomy=anatomy, times_h=times))
-            p, t = evaluate_series(series, runner, methods, cfg, f"{dataset}, {proto_name}", log=log)
+            name = f"{dataset}, {proto_name}"
+            slug = "".join(c if c.isalnum() else "_" for c in f"{anatomy}_{seed}_{len(times)}tp")
+            p, t = evaluate_series(series, runner, methods, cfg, name, log=log,
+                                   figure_path=out / f"figure_{slug}.png")
+            figures.append(f"![{name}](figure_{slug}.png)")
             pair_rows += p
             tia_rows += t
     report = ["# CoRX evaluation", "",
@@ -254,7 +317,7 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
               f"{' + patient15' if patient15 else ''}; preset {preset}; Elastix {elastix_iterations} iterations; "
               f"refinement {refine_iterations} iterations; torch {torch.__version__}, {torch.get_num_threads()} threads.",
               "", summarise(pair_rows, tia_rows, methods),
-              f"Wall time {time.perf_counter() - t_start:.0f} s."]
+              f"Wall time {time.perf_counter() - t_start:.0f} s.", "", "## Figures", "", *figures]
     (out / "report.md").write_text("\n".join(report) + "\n")
     for name, rows in (("pairs.csv", pair_rows), ("tia.csv", tia_rows)):
         keys = list(dict.fromkeys(k for r in rows for k in r))

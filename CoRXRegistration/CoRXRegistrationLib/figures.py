@@ -147,3 +147,55 @@ def _error_panel(ax, voi_errors: dict):
     ax.set_title("voxel TIA vs truth", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6)
+
+
+def save_methods_figure(path, *, ct_hu, geometry, fixed_spect, moving_spect, warped: dict, fields: dict,
+                        jacobians: dict, profile_voxel=None, title: str = "") -> Path:
+    """One pair, every method (as the paper's Fig. 2/6): a row per method with the warped SPECT over
+    the fixed CT, its deformation RGB image and Jacobian, plus SPECT line profiles along z (head-foot)
+    through ``profile_voxel`` (z, y, x on ``geometry``, e.g. a tumour centre). Arrays on ``geometry``;
+    ``warped``/``fields``/``jacobians``: method -> SPECT (Bq/mL) / field (LPS mm) / Jacobian."""
+    plt = _pyplot()
+    methods = list(warped)
+    aspect = geometry.spacing[2] / geometry.spacing[0]
+    z0, y0, x0 = profile_voxel if profile_voxel is not None else tuple(n // 2 for n in geometry.shape)
+    vmax = float(np.percentile(fixed_spect, 99.9))
+    max_mm = max([float(np.abs(f).max()) for f in fields.values()] + [1.0])
+    rows = len(methods) + 1
+    fig = plt.figure(figsize=(13, 3.0 * rows + 0.5), layout="constrained")
+    grid = fig.add_gridspec(rows, 4)
+    top = [fig.add_subplot(grid[0, c]) for c in range(3)]
+    spect_over_ct(top[0], ct_hu, fixed_spect, y0, aspect, vmax, "fixed SPECT on fixed CT")
+    spect_over_ct(top[1], ct_hu, moving_spect, y0, aspect, vmax, "moving SPECT, not registered")
+    top[2].imshow(coronal(np.abs(moving_spect - fixed_spect), y0), cmap="magma", aspect=aspect)
+    top[2].set_title("|moving - fixed| SPECT", fontsize=8)
+    for ax in top:
+        ax.axhline(geometry.shape[0] - 1 - z0, color="cyan", lw=0.4)
+        ax.axvline(x0, color="cyan", lw=0.6)
+    _clean(top)
+    profile = fig.add_subplot(grid[0, 3])
+    z_mm = (np.arange(geometry.shape[0]) - z0) * geometry.spacing[2]
+    profile.plot(z_mm, fixed_spect[:, y0, x0] / 1e3, "k-", lw=1.5, label="fixed")
+    profile.plot(z_mm, moving_spect[:, y0, x0] / 1e3, "k:", lw=1, label="moving")
+    for m in methods:
+        profile.plot(z_mm, warped[m][:, y0, x0] / 1e3, lw=1, label=m)
+    profile.set_xlim(-80, 80)
+    profile.set_xlabel("z from the profile point (mm)", fontsize=8)
+    profile.set_ylabel("SPECT (kBq/mL)", fontsize=8)
+    profile.set_title("line profile (cyan cross)", fontsize=8)
+    profile.tick_params(labelsize=7)
+    profile.legend(fontsize=6)
+    for r, m in enumerate(methods, start=1):
+        axes = [fig.add_subplot(grid[r, c]) for c in range(3)]
+        spect_over_ct(axes[0], ct_hu, warped[m], y0, aspect, vmax, f"{m}: warped SPECT on fixed CT")
+        deformation_panel(axes[1], fields[m], y0, aspect, max_mm, f"{m}: deformation RGB (+-{max_mm:.0f} mm)")
+        jac = jacobians[m]
+        jacobian_panel(fig, axes[2], jac, y0, aspect,
+                       f"{m}: Jacobian (<= 0: {100.0 * float(np.mean(jac <= 0)):.2f} %)")
+        _clean(axes)
+    fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=75)
+    plt.close(fig)
+    return path

@@ -101,6 +101,7 @@ class SimulatedSeries:
     voi_truth: dict               # VOI name -> {"labels", "volume_ml", "tia_mbq_h"}
     spect_fwhm_mm: float
     timing_s: dict = field(default_factory=dict)
+    labels_session_spect: list = field(default_factory=list)   # tissue labels on each session's own SPECT grid
 
     @property
     def reference_spect_geometry(self) -> Geometry:
@@ -176,7 +177,7 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
     ref_ct_g = grids[ref][0]
     to_anatomy_ref_spect = lambda p: np.broadcast_to(-s_ref, p.shape)  # noqa: E731
 
-    cts, spects, activities, fields_ct, fields_spect = [], [], [], {}, {}
+    cts, spects, activities, fields_ct, fields_spect, session_labels = [], [], [], {}, {}, []
     t_ct = t_spect = 0.0
     for i, t_h in enumerate(cfg.times_h):
         progress(0.1 + 0.8 * i / n, f"time point {t_h:g} h")
@@ -189,9 +190,10 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
         tb = time.perf_counter()
         act = egrid.pool(kinetics.activity(t_h))
         emission = blur(act, egrid.geometry, fwhm, m.spect_breathing_blur_mm)
-        spects.append(render_spect(emission, egrid.geometry, sp_g,
-                                   lambda p, sf=sf, s=s_t: sf.inverse_at(p - s) - s, rng,
+        to_anatomy = lambda p, sf=sf, s=s_t: sf.inverse_at(p - s) - s  # noqa: E731
+        spects.append(render_spect(emission, egrid.geometry, sp_g, to_anatomy, rng,
                                    cfg.counts_per_mbq_s, cfg.acquisition_s))
+        session_labels.append(resample(phantom.labels, pg, sp_g, displacement=to_anatomy, mode="nearest"))
         activities.append(resample(act, egrid.geometry, ref_spect_g, displacement=to_anatomy_ref_spect))
         if i != ref:
             pts = ref_spect_g.lps_grid().reshape(-1, 3)
@@ -220,7 +222,7 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
     progress(1.0, "done")
     return SimulatedSeries(cfg, phantom, cts, [g[0] for g in grids], spects, [g[1] for g in grids], motions,
                            fields_ct, fields_spect, activities, truth_tia, truth_tia_psf, labels_spect, labels_ct,
-                           curves, voi_truth, fwhm, timing)
+                           curves, voi_truth, fwhm, timing, session_labels)
 
 
 def time_tag(hours: float) -> str:
