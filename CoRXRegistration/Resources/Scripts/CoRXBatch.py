@@ -1,0 +1,168 @@
+"""CoRX batch: registration + TIA + dose for one or many patients, without the GUI.
+
+In Slicer:   Slicer --no-main-window --python-script CoRXBatch.py --input SERIES --output DIR
+Plain Python with slicer-core (tests, servers):   python CoRXBatch.py --input SERIES --output DIR
+
+SERIES is a ``series.json`` (format corx-series/1), its folder, or a folder of such folders. A
+manifest may name a ``"segmentation"`` (label map or .seg.nrrd on the reference SPECT frame; a
+simulated series' truth segmentation is used otherwise) for the VOI table and dose statistics.
+Per patient, DIR/<patient_id>/ receives: the grid transform of every moving time point (NRRD
+displacement field, from-parent/resampling, LPS), deformed SPECT and CT, Jacobian and RGB
+deformation volumes, the TIA, fit-RMSE, model and dose maps, the QA and VOI tables (CSV) and
+``batch.log``. The exit code is 0 only if every patient succeeded; nothing under SERIES is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+for candidate in (HERE.parents[2], HERE.parents[3] / "TIAMapping"):   # <repo>/CoRXRegistration, <repo>/TIAMapping
+    if (candidate / "CoRXRegistration.py").is_file() or (candidate / "TIAMapping.py").is_file():
+        sys.path.insert(0, str(candidate))
+
+
+def _scene():
+    """Slicer's scene inside the application; a fresh scene with the logics it needs under slicer-core."""
+    import slicer
+    if getattr(slicer, "mrmlScene", None) is not None:
+        return slicer.mrmlScene
+    scene = slicer.vtkMRMLScene()
+    for logic_class in (slicer.vtkSlicerVolumesLogic, slicer.vtkSlicerSegmentationsModuleLogic):
+        logic = logic_class()
+        logic.SetMRMLScene(scene)
+        _KEEP.append(logic)
+    slicer.mrmlScene = scene
+    return scene
+
+
+_KEEP = []   # module logics must outlive the scene they serve
+
+
+def save_node(node, path: Path) -> Path:
+    """Write a node with its default storage node (volumes, transforms, tables), as Slicer's Save does."""
+    import slicer
+    storage = node.CreateDefaultStorageNode()
+    slicer.mrmlScene.AddNode(storage)
+    storage.SetFileName(str(path))
+    if not storage.WriteData(node):
+        raise OSError(f"could not write {node.GetName()} to {path}")
+    return path
+
+
+def _labelmap_node(manifest, log):
+    """The manifest's segmentation as a label map volume node and its value -> name mapping."""
+    import numpy as np
+
+    from CoRXRegistration import addVolumeNode
+    from CoRXRegistrationLib.imageio import read_segmentation
+    rel = manifest.raw.get("segmentation") or manifest.raw.get("truth", {}).get("segmentation")
+    if not rel:
+        log.info("no segmentation in the manifest: maps only, no VOI table")
+        return None, None
+    segments, geometry = read_segmentation(manifest.folder / rel)
+    labels = np.zeros(geometry.shape, np.uint16)
+    names = {}
+    for value, (name, mask) in enumerate(segments.items(), start=1):
+        labels[mask & (labels == 0)] = value
+        names[value] = name
+    log.info("segmentation %s: %d segments", rel, len(names))
+    return addVolumeNode(labels, geometry, "VOIs", "vtkMRMLLabelMapVolumeNode"), names
+
+
+def process_patient(manifest, out: Path, model: str, device: str, log) -> dict:
+    import CoRXRegistration as reg
+    import TIAMapping as tia
+
+    t0 = time.perf_counter()
+    logic = reg.CoRXRegistrationLogic()
+    loaded = logic.loadSeries(manifest.path, loadTruth=False)
+    ref = manifest.reference_index
+    log.info("%s: %d time points %s h, reference %g h", manifest.patient_id, len(manifest.hours), manifest.hours,
+             manifest.hours[ref])
+
+    def progress(fraction, text=""):
+        log.info("  registration %3.0f %% %s", 100.0 * fraction, text)
+    registered = logic.registerSeries(loaded["ct"], loaded["spect"], manifest.hours, referenceIndex=ref, model=model,
+                                      device=device, progress=progress)
+    written = []
+    for hours, nodes in registered["pairs"].items():
+        tag = f"{hours:g}h"
+        written += [save_node(nodes["transform"], out / f"transform_{tag}.nrrd"),
+                    save_node(nodes["deformedSPECT"], out / f"spect_{tag}_deformed.nrrd"),
+                    save_node(nodes["deformedCT"], out / f"ct_{tag}_deformed.nrrd"),
+                    save_node(nodes["jacobian"], out / f"jacobian_{tag}.nrrd"),
+                    save_node(nodes["deformationRGB"], out / f"deformation_rgb_{tag}.nrrd")]
+        r = nodes["result"]
+        log.info("  %s -> %g h: %.1f s, SPECT LNCC %.3f -> %.3f, Jacobian <= 0 %.3f %%", tag, manifest.hours[ref],
+                 r.timings_s["total"], r.metrics["identity"]["spect_lncc"], r.metrics["registered"]["spect_lncc"],
+                 r.metrics["registered"]["jacobian_nonpositive_percent"])
+    written.append(save_node(registered["qaTable"], out / "registration_qa.csv"))
+    labelmap, names = _labelmap_node(manifest, log)
+    maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, labelmapVolumeNode=labelmap,
+                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref])
+    for key in ("tia", "fit_rmse", "fit_model", "dose"):
+        if key in maps:
+            written.append(save_node(maps[key], out / f"{key}.nrrd"))
+    if maps["voi_rows"]:
+        written.append(save_node(reg.addTableNode(maps["voi_rows"], "VOI results"), out / "voi.csv"))
+    for message in maps["messages"]:
+        log.warning("  %s", message)
+    log.info("  %s done in %.1f s: %d files", manifest.patient_id, time.perf_counter() - t0, len(written))
+    return {"patient": manifest.patient_id, "files": [str(p) for p in written]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="series.json, its folder, or a folder of series folders")
+    parser.add_argument("--output", required=True, help="output folder (one sub-folder per patient)")
+    parser.add_argument("--model", default="bundled", help="'bundled' or a CoRX checkpoint")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = parser.parse_args(argv)
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("corx.batch")
+    log.setLevel(logging.INFO)
+    log.handlers[:] = [logging.StreamHandler(sys.stdout), logging.FileHandler(output / "batch.log", mode="w")]
+    for h in log.handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    try:
+        from CoRXRegistrationLib.series_io import find_series
+        series = find_series(args.input)
+    except Exception as exc:                       # a clear one-line reason, non-zero exit
+        log.error("cannot read the input %s: %s", args.input, exc)
+        return 2
+    _scene()
+    failed = []
+    for manifest in series:
+        out = output / manifest.patient_id
+        if out.resolve() == manifest.folder.resolve() or out.resolve() in manifest.folder.resolve().parents:
+            log.error("%s: the output folder %s would overwrite the input series", manifest.patient_id, out)
+            failed.append(manifest.patient_id)
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            process_patient(manifest, out, args.model, args.device, log)
+        except Exception as exc:
+            log.error("%s failed: %s", manifest.patient_id, exc)
+            log.debug(traceback.format_exc())
+            failed.append(manifest.patient_id)
+    log.info("%d of %d patients processed%s", len(series) - len(failed), len(series),
+             f"; failed: {', '.join(failed)}" if failed else "")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    try:                                            # inside Slicer, leave the application with the code
+        import slicer
+        if hasattr(slicer, "app") and slicer.app is not None:
+            slicer.util.exit(code)
+    except ImportError:
+        pass
+    sys.exit(code)
