@@ -124,6 +124,27 @@ def test_noise_free_simulated_series_gives_true_organ_tia(small_series, name, to
     assert est == pytest.approx(true, rel=tolerance), name
 
 
+# With a schedule that resolves the fast components (the simulator's own kinetics sampled 0.5-168 h,
+# noise-free), the VOI fit chosen by AICc among mono/bi/tri-exponential recovers the true organ TIA
+# within 2 %: the library is exact where the data allow; the 4-point gap above is Eq. 6's model error.
+DENSE_H = (0.5, 1.0, 2.0, 4.0, 8.0, 24.0, 48.0, 72.0, 120.0, 168.0)
+
+
+@pytest.mark.parametrize("name", ["liver", "spleen", "kidney_left", "kidney_right"])
+def test_noise_free_densely_sampled_organ_tia_within_2pct(small_series, name):
+    from CoRXRegistrationLib.simulation.kinetics import VoxelKinetics
+    from TIAMappingLib.voi import voi_curve_fits
+    s = small_series
+    ph = s.phantom
+    kinetics = VoxelKinetics(ph.labels, ph.uptake_scale, ph.washout_scale, s.curves)
+    mask = np.isin(ph.labels, ph.voi_labels()[name])
+    ml = ph.geometry.voxel_volume_ml
+    totals = [float(kinetics.activity(t)[mask].sum(dtype=np.float64)) * ml / 1e6 for t in DENSE_H]   # MBq
+    fit = voi_curve_fits(DENSE_H, np.array([totals]))[0]
+    assert fit["best_model"] in ("biexp", "triexp")
+    assert fit["best_tia_mbq_h"] == pytest.approx(s.voi_truth[name]["tia_mbq_h"], rel=0.02), fit
+
+
 def test_cli_tia_contract(tmp_path, small_series_dir):
     import json
     m = json.loads((small_series_dir / "series.json").read_text())
