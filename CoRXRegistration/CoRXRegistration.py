@@ -109,6 +109,66 @@ def addTableNode(rows, name):
     return table
 
 
+def placeInFolder(nodes, folderName, parentItem=None):
+    """Group ``nodes`` under a subject-hierarchy folder (created once per name and parent); returns its item."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    parent = parentItem if parentItem else sh.GetSceneItemID()
+    folder = sh.GetItemChildWithName(parent, folderName) or sh.CreateFolderItem(parent, folderName)
+    for node in nodes:
+        item = sh.GetItemByDataNode(node)
+        if item:                       # in Slicer the subject hierarchy already holds every new node
+            sh.SetItemParent(item, folder)
+        else:                          # plain MRML scene (slicer-core): add the item ourselves
+            sh.CreateItem(folder, node)
+    return folder
+
+
+def jacobianColorNode():
+    """A diverging colour table for Jacobian determinants shown over [0, 2]: blue (compression) -
+    white (1, volume kept) - red (expansion); entry 0 is black, so values <= 0 (folding) are black."""
+    name = "CoRX Jacobian (black = folding)"
+    existing = slicer.mrmlScene.GetFirstNodeByName(name)
+    if existing is not None:
+        return existing
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    node.SetTypeToUser()
+    n = 256
+    node.SetNumberOfColors(n)
+    for i in range(n):
+        x = i / (n - 1) * 2.0                      # Jacobian value of this entry
+        if i == 0:
+            rgb = (0.0, 0.0, 0.0)
+        elif x < 1.0:
+            rgb = (x, x, 1.0)                      # blue -> white
+        else:
+            rgb = (1.0, 2.0 - x, 2.0 - x)          # white -> red
+        node.SetColor(i, f"{x:.3f}", *rgb, 1.0)
+    return node
+
+
+def showJacobian(jacobianNode, jacobian):
+    """Display the Jacobian over [0, 2] with :func:`jacobianColorNode`; record the folding count as attributes."""
+    jacobianNode.CreateDefaultDisplayNodes()
+    display = jacobianNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(jacobianColorNode().GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(2.0, 1.0)
+    folded = int(np.count_nonzero(np.asarray(jacobian) <= 0))
+    jacobianNode.SetAttribute("CoRX.FoldedVoxels", str(folded))
+    jacobianNode.SetAttribute("CoRX.FoldedPercent", f"{100.0 * folded / max(np.asarray(jacobian).size, 1):.4f}")
+    return folded
+
+
+def saveNode(node, path):
+    """Write ``node`` with its default storage node (volume, transform, table), as Slicer's Save does."""
+    storage = node.CreateDefaultStorageNode()
+    slicer.mrmlScene.AddNode(storage)
+    storage.SetFileName(str(path))
+    if not storage.WriteData(node):
+        raise OSError(f"could not write {node.GetName()} to {path}")
+    return path
+
+
 class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
     """Console/batch entry points: load a series, register pairs or a whole series on MRML nodes."""
 
@@ -137,6 +197,10 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                  "deformationRGB": addVolumeNode(deformation_rgb(result.field_spect).numpy(), g_spect,
                                                  f"Deformation RGB {name}", "vtkMRMLVectorVolumeNode"),
                  "result": result}
+        showJacobian(nodes["jacobian"], result.jacobian_spect)
+        nodes["transform"].SetAttribute("CoRX.FixedSPECT", fixedSPECTNode.GetID())
+        nodes["transform"].SetAttribute("CoRX.MovingSPECT", movingSPECTNode.GetID())
+        placeInFolder([v for k, v in nodes.items() if k != "result"], f"CoRX {name}")
         return nodes
 
     def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",

@@ -16,7 +16,7 @@ except ImportError:  # plain Python with slicer-core
         def __init__(self, parent=None):
             pass
 
-from CoRXRegistration import PAPER_CITATION, addVolumeNode, volumeNodeGeometry
+from CoRXRegistration import PAPER_CITATION, addTableNode, addVolumeNode, saveNode, volumeNodeGeometry
 from TIAMappingLib.pipeline import compute_tia_outputs
 
 
@@ -63,7 +63,37 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
             nodes["dose"] = addVolumeNode(out.dose, geometry, "Absorbed dose (Gy)")
         nodes["voi_rows"] = out.voi_rows
         nodes["messages"] = out.messages
+        if out.voi_rows:
+            nodes["voiTable"] = addTableNode(out.voi_rows, "TIA VOI results")
+            nodes["tacTable"], nodes["tacChart"] = self.timeActivityChart(out.voi_rows, list(timesHours))
         return nodes
+
+    def timeActivityChart(self, voiRows, timesHours):
+        """A table (hours, then MBq per segment) and a plot chart with one series per segment, as the
+        Plots module shows them. Returns (table node, chart node)."""
+        rows = [r for r in voiRows if r.get("status") == "ok"]
+        columns = [{"hours": float(t), **{r["segment"]: float(r[f"total_mbq_{t:g}h"]) for r in rows}}
+                   for t in timesHours]
+        table = addTableNode(columns, "Time-activity curves (MBq)")
+        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "Time-activity curves")
+        chart.SetXAxisTitle("hours after injection")
+        chart.SetYAxisTitle("VOI activity (MBq)")
+        for r in rows:
+            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", r["segment"])
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("hours")
+            series.SetYColumnName(r["segment"])
+            series.SetPlotType(series.PlotTypeScatter)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        return table, chart
+
+    def exportTables(self, tableNodes, folder):
+        """Write each table node as ``<folder>/<node name>.csv``; returns the paths."""
+        from pathlib import Path
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [saveNode(t, folder / ("".join(c if c.isalnum() or c in "-_" else "_" for c in t.GetName()) + ".csv"))
+                for t in tableNodes]
 
 
 class TIAMappingWidget(ScriptedLoadableModuleWidget):

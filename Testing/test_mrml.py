@@ -76,7 +76,7 @@ def test_seg_nrrd_loads_into_a_segmentation_node(mrml_scene, tmp_path):
     assert names == ["liver", "tumour_1"]
 
 
-def test_tia_logic_on_nodes_matches_library(mrml_scene):
+def test_tia_logic_on_nodes_matches_library(mrml_scene, tmp_path):
     from CoRXRegistration import addVolumeNode
     from TIAMapping import TIAMappingLogic
     g = oblique_geometry()
@@ -96,6 +96,16 @@ def test_tia_logic_on_nodes_matches_library(mrml_scene):
     assert row["voxel_tia_sum_mbq_h"] == pytest.approx(expected_sum, rel=1e-3)
     # statistics agree with numpy on the same arrays
     assert row["mean_bq_ml_24h"] == pytest.approx(float((base[:3] * np.exp(-lam * 24.0)).mean()), rel=1e-5)
+    # VOI table, time-activity chart (one series per segment) and CSV export
+    assert result["voiTable"].GetNumberOfRows() == 1
+    table = result["tacTable"]
+    assert table.GetNumberOfRows() == 4
+    total_24h = float((base[:3] * np.exp(-lam * 24.0)).sum() * g.voxel_volume_ml / 1e6)
+    assert float(table.GetTable().GetColumnByName("upper").GetValue(1)) == pytest.approx(total_24h, rel=1e-5)
+    assert result["tacChart"].GetNumberOfPlotSeriesNodes() == 1
+    paths = TIAMappingLogic().exportTables([result["voiTable"], table], tmp_path / "tables")
+    assert [p.name for p in paths] == ["TIA_VOI_results.csv", "Time-activity_curves__MBq_.csv"]
+    assert "upper" in paths[0].read_text()
 
 
 def test_tia_logic_rejects_mismatched_grids(mrml_scene):
@@ -131,7 +141,8 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
     net = build_network(named_config("corx-tiny"))
     with torch.no_grad():
         net.head.bias.copy_(torch.tensor([0.0, 0.0, 0.5]))   # a known 0.5-voxel x shift on the network grid
-    model = save_checkpoint(tmp_path / "tiny.pt", net, PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74).to_dict())
+    prep = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74, prealign="none")    # the field is the head's
+    model = save_checkpoint(tmp_path / "tiny.pt", net, prep.to_dict())
     s = small_series
     cts = [addVolumeNode(ct.astype(np.float32), g, f"CT {i}") for i, (ct, g) in enumerate(zip(s.ct, s.ct_geometry))]
     spects = [addVolumeNode(sp, g, f"SPECT {i}") for i, (sp, g) in enumerate(zip(s.spect, s.spect_geometry))]
@@ -154,3 +165,12 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
     # and the to-parent (inverse) direction maps the moving point back onto the fixed point
     inverse = nodes["transform"].GetTransformToParent().TransformPoint(list(lps_to_ras(expected)))
     np.testing.assert_allclose(lps_to_ras(np.array(inverse)), p, atol=0.05)
+    # outputs grouped per time point in the subject hierarchy; Jacobian shown with its folding count
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    for key in ("transform", "deformedSPECT", "deformedCT", "jacobian", "deformationRGB"):
+        item = sh.GetItemByDataNode(nodes[key])
+        assert sh.GetItemName(sh.GetItemParent(item)) == "CoRX 24h", key
+    jac = slicer.util.arrayFromVolume(nodes["jacobian"])
+    assert int(nodes["jacobian"].GetAttribute("CoRX.FoldedVoxels")) == int((jac <= 0).sum())
+    colors = slicer.mrmlScene.GetNodeByID(nodes["jacobian"].GetDisplayNode().GetColorNodeID())
+    assert colors.GetName().startswith("CoRX Jacobian") and colors.GetNumberOfColors() == 256

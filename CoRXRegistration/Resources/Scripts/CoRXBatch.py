@@ -43,17 +43,6 @@ def _scene():
 _KEEP = []   # module logics must outlive the scene they serve
 
 
-def save_node(node, path: Path) -> Path:
-    """Write a node with its default storage node (volumes, transforms, tables), as Slicer's Save does."""
-    import slicer
-    storage = node.CreateDefaultStorageNode()
-    slicer.mrmlScene.AddNode(storage)
-    storage.SetFileName(str(path))
-    if not storage.WriteData(node):
-        raise OSError(f"could not write {node.GetName()} to {path}")
-    return path
-
-
 def _labelmap_node(manifest, log):
     """The manifest's segmentation as a label map volume node and its value -> name mapping."""
     import numpy as np
@@ -92,24 +81,24 @@ def process_patient(manifest, out: Path, model: str, device: str, log) -> dict:
     written = []
     for hours, nodes in registered["pairs"].items():
         tag = f"{hours:g}h"
-        written += [save_node(nodes["transform"], out / f"transform_{tag}.nrrd"),
-                    save_node(nodes["deformedSPECT"], out / f"spect_{tag}_deformed.nrrd"),
-                    save_node(nodes["deformedCT"], out / f"ct_{tag}_deformed.nrrd"),
-                    save_node(nodes["jacobian"], out / f"jacobian_{tag}.nrrd"),
-                    save_node(nodes["deformationRGB"], out / f"deformation_rgb_{tag}.nrrd")]
+        written += [reg.saveNode(nodes["transform"], out / f"transform_{tag}.nrrd"),
+                    reg.saveNode(nodes["deformedSPECT"], out / f"spect_{tag}_deformed.nrrd"),
+                    reg.saveNode(nodes["deformedCT"], out / f"ct_{tag}_deformed.nrrd"),
+                    reg.saveNode(nodes["jacobian"], out / f"jacobian_{tag}.nrrd"),
+                    reg.saveNode(nodes["deformationRGB"], out / f"deformation_rgb_{tag}.nrrd")]
         r = nodes["result"]
         log.info("  %s -> %g h: %.1f s, SPECT LNCC %.3f -> %.3f, Jacobian <= 0 %.3f %%", tag, manifest.hours[ref],
                  r.timings_s["total"], r.metrics["identity"]["spect_lncc"], r.metrics["registered"]["spect_lncc"],
                  r.metrics["registered"]["jacobian_nonpositive_percent"])
-    written.append(save_node(registered["qaTable"], out / "registration_qa.csv"))
+    written.append(reg.saveNode(registered["qaTable"], out / "registration_qa.csv"))
     labelmap, names = _labelmap_node(manifest, log)
     maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, labelmapVolumeNode=labelmap,
                                             segmentNames=names, ctVolumeNode=loaded["ct"][ref])
     for key in ("tia", "fit_rmse", "fit_model", "dose"):
         if key in maps:
-            written.append(save_node(maps[key], out / f"{key}.nrrd"))
+            written.append(reg.saveNode(maps[key], out / f"{key}.nrrd"))
     if maps["voi_rows"]:
-        written.append(save_node(reg.addTableNode(maps["voi_rows"], "VOI results"), out / "voi.csv"))
+        written.append(reg.saveNode(reg.addTableNode(maps["voi_rows"], "VOI results"), out / "voi.csv"))
     for message in maps["messages"]:
         log.warning("  %s", message)
     log.info("  %s done in %.1f s: %d files", manifest.patient_id, time.perf_counter() - t0, len(written))
