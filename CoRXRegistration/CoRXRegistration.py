@@ -257,7 +257,30 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 # --------------------------------------------------------------------------- GUI
+def ensureTorch():
+    """Import torch, installing it on first use through the PyTorch extension (never at module import)."""
+    try:
+        import torch
+        return torch
+    except ImportError:
+        pass
+    try:
+        import PyTorchUtils
+    except ImportError:
+        raise RuntimeError("CoRX needs PyTorch: install the 'PyTorch' extension from the Extensions Manager, "
+                           "restart Slicer and try again.") from None
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.1")
+    if torch is None:
+        raise RuntimeError("PyTorch was not installed; CoRX cannot run without it.")
+    return torch
+
+
 class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
+    """Series table (CT, SPECT, hours), reference, model, device and refinement; Apply registers every
+    time point with a progress bar and Cancel; settings live in the module's parameter node."""
+
+    PARAMETERS = ("ModelPath", "Device", "RefineIterations", "ReferenceIndex")
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CoRXRegistration.ui"))
@@ -265,28 +288,179 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CoRXRegistrationLogic()
+        self.lastOutputs = None
+        self.cancelRequested = False
+        self.ui.seriesTable.setHorizontalHeaderLabels(["CT", "SPECT", "hours"])
+        self.ui.seriesTable.horizontalHeader().setStretchLastSection(True)
         self.ui.loadSeriesButton.connect("clicked(bool)", self.onLoadSeries)
+        self.ui.fillFromSceneButton.connect("clicked(bool)", self.onFillFromScene)
+        self.ui.addTimePointButton.connect("clicked(bool)", lambda _=False: self.addRow())
+        self.ui.removeTimePointButton.connect("clicked(bool)", self.onRemoveRow)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
-        self.ui.applyButton.enabled = False
-        self.loaded = None
-        self.ui.statusLabel.text = "Load a series (series.json), then Apply registers every time point to the first."
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.showOverlayButton.connect("clicked(bool)", self.onShowOverlay)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        for widget, signal in ((self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                               (self.ui.refineSpinBox, "valueChanged(int)"),
+                               (self.ui.referenceComboBox, "currentIndexChanged(int)")):
+            widget.connect(signal, self.updateParameterNode)
+        self.restoreParameters()
+        self.onModelChanged()
+        self.updateButtons()
+
+    # ---- parameter node: settings saved with the scene
+    def restoreParameters(self):
+        node = self.logic.getParameterNode()
+        self.ui.modelPathLineEdit.currentPath = node.GetParameter("ModelPath") or ""
+        self.ui.deviceComboBox.currentText = node.GetParameter("Device") or "auto"
+        self.ui.refineSpinBox.value = int(node.GetParameter("RefineIterations") or 0)
+
+    def updateParameterNode(self, *_):
+        node = self.logic.getParameterNode()
+        node.SetParameter("ModelPath", self.ui.modelPathLineEdit.currentPath)
+        node.SetParameter("Device", self.ui.deviceComboBox.currentText)
+        node.SetParameter("RefineIterations", str(self.ui.refineSpinBox.value))
+        node.SetParameter("ReferenceIndex", str(max(self.ui.referenceComboBox.currentIndex, 0)))
+        self.updateButtons()
+
+    # ---- the series table
+    def addRow(self, ctNode=None, spectNode=None, hours=0.0):
+        import qt
+        table = self.ui.seriesTable
+        row = table.rowCount
+        table.insertRow(row)
+        for column, (node, cls) in enumerate(((ctNode, "vtkMRMLScalarVolumeNode"), (spectNode, "vtkMRMLScalarVolumeNode"))):
+            combo = slicer.qMRMLNodeComboBox()
+            combo.nodeTypes = [cls]
+            combo.noneEnabled = True
+            combo.addEnabled = combo.removeEnabled = False
+            combo.setMRMLScene(slicer.mrmlScene)
+            combo.setCurrentNode(node)
+            combo.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+            table.setCellWidget(row, column, combo)
+        spin = qt.QDoubleSpinBox()
+        spin.setRange(0.0, 10000.0)
+        spin.setSuffix(" h")
+        spin.value = hours
+        spin.connect("valueChanged(double)", self.updateButtons)
+        table.setCellWidget(row, 2, spin)
+        self.refreshReferenceChoices()
+
+    def onRemoveRow(self):
+        row = self.ui.seriesTable.currentRow()
+        if row >= 0:
+            self.ui.seriesTable.removeRow(row)
+            self.refreshReferenceChoices()
+
+    def rows(self):
+        table = self.ui.seriesTable
+        return [(table.cellWidget(r, 0).currentNode(), table.cellWidget(r, 1).currentNode(),
+                 float(table.cellWidget(r, 2).value)) for r in range(table.rowCount)]
+
+    def refreshReferenceChoices(self):
+        combo = self.ui.referenceComboBox
+        previous = int(self.logic.getParameterNode().GetParameter("ReferenceIndex") or 0)
+        combo.clear()
+        for ct, spect, hours in self.rows():
+            combo.addItem(f"{hours:g} h")
+        self.ui.overlayComboBox.clear()
+        for _, _, hours in self.rows():
+            self.ui.overlayComboBox.addItem(f"{hours:g} h")
+        combo.currentIndex = min(previous, max(combo.count - 1, 0))
+        self.updateButtons()
 
     def onLoadSeries(self):
         with slicer.util.tryWithErrorDisplay("Failed to load the series.", waitCursor=True):
-            self.loaded = self.logic.loadSeries(self.ui.manifestPathLineEdit.currentPath)
-            self.ui.statusLabel.text = f"Loaded {len(self.loaded['ct'])} time points."
-            self.ui.applyButton.enabled = True
+            loaded = self.logic.loadSeries(self.ui.manifestPathLineEdit.currentPath)
+            self.ui.seriesTable.setRowCount(0)
+            for ct, spect, hours in zip(loaded["ct"], loaded["spect"], loaded["times_h"]):
+                self.addRow(ct, spect, hours)
+            self.ui.statusLabel.text = f"Loaded {len(loaded['ct'])} time points."
+
+    def onFillFromScene(self):
+        from CoRXRegistrationLib.series_io import series_from_names
+        volumes = {n.GetName(): n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")}
+        found = series_from_names(list(volumes))
+        if not found:
+            slicer.util.errorDisplay("No CT/SPECT pairs with hours in their names (e.g. 'CT 24h', 'SPECT 24h') "
+                                     "were found; fill the table by hand.")
+            return
+        self.ui.seriesTable.setRowCount(0)
+        for hours, ct, spect in found:
+            self.addRow(volumes[ct], volumes[spect], hours)
+        self.ui.statusLabel.text = f"Found {len(found)} time points from volume names; check them before Apply."
+
+    # ---- model
+    def onModelChanged(self, *_):
+        path = self.ui.modelPathLineEdit.currentPath or "bundled"
+        try:
+            from CoRXRegistrationLib.network.checkpoint import read_checkpoint
+            from CoRXRegistrationLib.engine import BUNDLED_MODEL
+            payload = read_checkpoint(BUNDLED_MODEL if path == "bundled" else path)
+            net, prep = payload["config"], payload.get("preprocess", {})
+            self.ui.modelInfoLabel.text = (f"{net.get('name')}: diffeomorphic {net.get('diffeomorphic')}, SPECT "
+                                           f"{prep.get('spect_normalisation')}, pre-alignment "
+                                           f"{prep.get('prealign', 'none')} (fixed by the model's training)")
+        except Exception as exc:
+            self.ui.modelInfoLabel.text = f"cannot read the model: {exc}"
+        self.updateParameterNode()
+
+    # ---- run
+    def updateButtons(self, *_):
+        rows = self.rows() if hasattr(self.ui, "seriesTable") else []
+        complete = len(rows) >= 2 and all(ct and spect for ct, spect, _ in rows)
+        increasing = all(b[2] > a[2] for a, b in zip(rows, rows[1:]))
+        self.ui.applyButton.enabled = complete and increasing
+        self.ui.applyButton.toolTip = "" if complete and increasing else \
+            "Give at least 2 time points, each with a CT and a SPECT, in increasing hours"
+
+    def onCancel(self):
+        self.cancelRequested = True
+        self.ui.statusLabel.text = "Cancelling after the current step..."
 
     def onApply(self):
         def progress(fraction, text=""):
-            self.ui.statusLabel.text = f"{100 * fraction:3.0f} %  {text}"
-            slicer.app.processEvents()
+            self.ui.progressBar.value = int(100 * fraction)
+            self.ui.statusLabel.text = text
+            slicer.app.processEvents()          # keeps the GUI (and Cancel) responsive between steps
 
-        with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
-            out = self.logic.registerSeries(self.loaded["ct"], self.loaded["spect"], self.loaded["times_h"], 0,
-                                            progress=progress)
-            self.ui.statusLabel.text = (f"Registered {len(out['pairs'])} time points; see the table "
-                                        f"'{out['qaTable'].GetName()}'.")
+        rows = self.rows()
+        self.cancelRequested = False
+        self.ui.applyButton.enabled = False
+        self.ui.cancelButton.enabled = True
+        try:
+            with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
+                ensureTorch()
+                out = self.logic.registerSeries([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                                referenceIndex=max(self.ui.referenceComboBox.currentIndex, 0),
+                                                model=self.ui.modelPathLineEdit.currentPath or "bundled",
+                                                device=self.ui.deviceComboBox.currentText,
+                                                refineIterations=self.ui.refineSpinBox.value, progress=progress,
+                                                cancel=lambda: self.cancelRequested)
+                self.lastOutputs = out
+                folded = ", ".join(f"{h:g} h: {n['jacobian'].GetAttribute('CoRX.FoldedPercent')} %"
+                                   for h, n in out["pairs"].items())
+                self.ui.statusLabel.text = (f"Registered {len(out['pairs'])} time points (Jacobian <= 0: {folded}); "
+                                            f"QA in table '{out['qaTable'].GetName()}'.")
+                self.ui.progressBar.value = 100
+        finally:
+            self.ui.cancelButton.enabled = False
+            self.updateButtons()
+
+    def onShowOverlay(self):
+        """Reference SPECT in the background, the chosen time point's deformed SPECT fused on top."""
+        if not self.lastOutputs:
+            slicer.util.errorDisplay("Register the series first.")
+            return
+        rows = self.rows()
+        ref = max(self.ui.referenceComboBox.currentIndex, 0)
+        hours = rows[self.ui.overlayComboBox.currentIndex][2] if rows else None
+        pair = self.lastOutputs["pairs"].get(hours)
+        if pair is None:
+            slicer.util.errorDisplay("Choose a registered (non-reference) time point.")
+            return
+        slicer.util.setSliceViewerLayers(background=rows[ref][1], foreground=pair["deformedSPECT"],
+                                         foregroundOpacity=0.5, fit=True)
 
 
 class CoRXRegistrationTest(ScriptedLoadableModuleTest):

@@ -97,6 +97,9 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
 
 
 class TIAMappingWidget(ScriptedLoadableModuleWidget):
+    """Registered SPECT (checked volumes; hours typed, or read from names such as 'SPECT 24h deformed'),
+    VOIs and CT in; TIA, fit RMSE, model and dose maps, the VOI table, a time-activity chart and CSV out."""
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/TIAMapping.ui"))
@@ -104,16 +107,42 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = TIAMappingLogic()
+        self.result = None
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+
+    def seriesFromInputs(self):
+        """(SPECT nodes, hours) in time order: typed hours in the checked order, else hours from the names."""
+        from CoRXRegistrationLib.series_io import hours_from_name
+        nodes = list(self.ui.spectNodesSelector.checkedNodes())
+        typed = self.ui.timesLineEdit.text.replace(",", " ").split()
+        if typed:
+            return nodes, [float(v) for v in typed]
+        hours = [hours_from_name(n.GetName()) for n in nodes]
+        missing = [n.GetName() for n, h in zip(nodes, hours) if h is None]
+        if missing:
+            raise ValueError(f"type the hours after injection: no hours in the names {missing}")
+        order = sorted(range(len(nodes)), key=lambda i: hours[i])
+        return [nodes[i] for i in order], [hours[i] for i in order]
 
     def onApply(self):
         with slicer.util.tryWithErrorDisplay("Failed to compute the TIA map.", waitCursor=True):
-            nodes = [n for n in self.ui.spectNodesSelector.checkedNodes()]
-            times = [float(v) for v in self.ui.timesLineEdit.text.replace(",", " ").split()]
-            result = self.logic.computeTIA(nodes, times, self.ui.labelmapSelector.currentNode(),
-                                           ctVolumeNode=self.ui.ctSelector.currentNode())
-            slicer.util.setSliceViewerLayers(background=result["tia"])
-            self.ui.statusLabel.text = "; ".join(result["messages"]) or "TIA computed."
+            nodes, times = self.seriesFromInputs()
+            self.result = self.logic.computeTIA(nodes, times, self.ui.labelmapSelector.currentNode(),
+                                                ctVolumeNode=self.ui.ctSelector.currentNode())
+            slicer.util.setSliceViewerLayers(background=self.result["tia"])
+            if "voiTable" in self.result:
+                self.ui.voiTableView.setMRMLTableNode(self.result["voiTable"])
+                slicer.modules.plots.logic().ShowChartInLayout(self.result["tacChart"])
+            self.ui.exportButton.enabled = "voiTable" in self.result
+            self.ui.statusLabel.text = "; ".join(self.result["messages"]) or \
+                f"TIA computed from {len(nodes)} time points ({', '.join(f'{t:g} h' for t in times)})."
+
+    def onExport(self):
+        with slicer.util.tryWithErrorDisplay("Failed to export the tables.", waitCursor=True):
+            paths = self.logic.exportTables([self.result["voiTable"], self.result["tacTable"]],
+                                            self.ui.exportDirectoryButton.directory)
+            self.ui.statusLabel.text = "Wrote " + ", ".join(str(p) for p in paths)
 
 
 class TIAMappingTest(ScriptedLoadableModuleTest):

@@ -11,6 +11,7 @@ Simulated series also carry ``truth`` entries (fields, labels) used for evaluati
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,4 +110,35 @@ def find_series(root) -> list:
     return [read_series(f) for f in found]
 
 
-__all__ = ["SeriesManifest", "SeriesError", "read_series", "find_series", "ImageFileError"]
+__all__ = ["SeriesManifest", "SeriesError", "read_series", "find_series", "ImageFileError", "hours_from_name",
+           "series_from_names"]
+
+
+_HOURS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(?:h|hr|hrs|hours?)(?![a-z])", re.IGNORECASE)
+
+
+def hours_from_name(name: str) -> float | None:
+    """Hours after injection written in a volume name ("SPECT 24h", "ct_004h", "CT 4.5 hours"), else None."""
+    found = _HOURS.findall(name)
+    return float(found[-1]) if found else None
+
+
+def series_from_names(names: list) -> list:
+    """Pair CT and SPECT volumes by the hours in their names: [(hours, ct name, spect name)] in time order.
+
+    A name is a SPECT if it says SPECT/NM/Lu (case-insensitive), a CT if it says CT and not SPECT;
+    time points missing either volume, or with two candidates for one slot, are left out."""
+    slots = {}
+    for name in names:
+        h = hours_from_name(name)
+        if h is None:
+            continue
+        low = name.lower()
+        kind = "spect" if re.search(r"spect|\bnm\b|lu-?177", low) else "ct" if re.search(r"(^|[^a-z])ct([^a-z]|$)", low) \
+            else None
+        if kind is None:
+            continue
+        slot = slots.setdefault(h, {"ct": [], "spect": []})
+        slot[kind].append(name)
+    return [(h, s["ct"][0], s["spect"][0]) for h, s in sorted(slots.items())
+            if len(s["ct"]) == 1 and len(s["spect"]) == 1]
