@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # The recipe of the bundled CoRX model (CoRXRegistration/Resources/Models/corx-bundled.pt).
-# Resumable: run it again after an interruption and it continues from RUN/last.pt.
+# Resumable: run it again after an interruption and each stage continues from its RUN/last.pt.
 #   DATA  training patients (simulated procedural anatomies, seeds 100-127; the last 2 validate)
-#   RUN   checkpoints and logs
+#   RUN1  stage 1: corx-cpu on the pairs as scanned (no pre-alignment), 2 epochs = 624 steps
+#   RUN2  stage 2: the same weights fine-tuned behind the rigid CT-CT pre-alignment, diffeomorphic
 # Never add the patient15 anatomy or the evaluation seeds (>= 5000) or the demo seed (1001) here.
+# The committed checkpoints training_checkpoints/corx-cpu/best.pt (end of stage 1) and
+# training_checkpoints/corx-cpu-rigid/last.pt (stage 2, resumable) let you skip or continue stages:
+#   mkdir -p "$RUN1" "$RUN2"; cp training_checkpoints/corx-cpu/best.pt "$RUN1/";
+#   cp training_checkpoints/corx-cpu-rigid/last.pt "$RUN2/"
 set -euo pipefail
 CORX=${CORX:-.venv/bin/corx}
 DATA=${DATA:-output/training/data}
-RUN=${RUN:-output/training/corx-cpu}
-MAX_MINUTES=${MAX_MINUTES:-100}
+RUN1=${RUN1:-output/training/corx-cpu}
+RUN2=${RUN2:-output/training/corx-cpu-rigid}
+STAGE2_STEPS=${STAGE2_STEPS:-__STAGE2_STEPS__}
 
 $CORX prepare-data --simulate 28 --first-seed 100 --preset clinical --out "$DATA"
-$CORX train --data "$DATA" --out "$RUN" --network corx-cpu --epochs 6 --lr 2e-3 --val-patients 2 \
-    --seed 0 --checkpoint-every 25 --max-minutes "$MAX_MINUTES"
-$CORX export-model --checkpoint "$RUN/best.pt" --run "$RUN" \
+if [ ! -f "$RUN1/best.pt" ]; then
+  $CORX train --data "$DATA" --out "$RUN1" --network corx-cpu --prealign none --epochs 2 --lr 2e-3 \
+      --val-patients 2 --seed 0 --checkpoint-every 25
+fi
+$CORX train --data "$DATA" --out "$RUN2" --network corx-cpu --network-overrides '{"diffeomorphic": true}' \
+    --prealign rigid --init "$RUN1/best.pt" --epochs 4 --lr 1e-3 --val-patients 2 --seed 0 \
+    --checkpoint-every 25 --max-steps "$STAGE2_STEPS"
+$CORX export-model --checkpoint "$RUN2/__STAGE2_CHECKPOINT__" --run "$RUN2" \
     --out CoRXRegistration/Resources/Models/corx-bundled.pt

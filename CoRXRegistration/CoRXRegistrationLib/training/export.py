@@ -35,6 +35,12 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
         history, elapsed, step_total = tr.get("history", []), tr.get("elapsed_s"), tr.get("step")
     else:
         step_total = step
+    init = meta.get("train_config", {}).get("init")
+    initialised_from = None
+    if init and Path(init).is_file():             # a fine-tuned model: say what it started from
+        start = read_checkpoint(init).get("meta", {})
+        initialised_from = {"checkpoint": Path(init).name, "steps": start.get("step"), "epoch": start.get("epoch"),
+                            "train_config": start.get("train_config", {})}
     out = Path(out)
     meta_out = {"name": out.stem, "trained_step": step, "validation": meta.get("validation", {}),
                 "train_config": meta.get("train_config", {})}
@@ -60,6 +66,7 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
                     "the 2 highest seeds are the validation split; never patient15, never seeds >= 5000",
             "loss": "MSE(CT) + 0.1 LNCC(SPECT, 9^3) + 8e-4 diffusion (paper Eq. 2-5)",
             "history": history,
+            "initialised_from": initialised_from,
         },
         "validation": meta.get("validation", {}),
         "known_limits": _status_lines(meta.get("validation", {}), step) + LIMITS,
@@ -86,7 +93,11 @@ def model_card_markdown(card: dict) -> str:
              f"- Weights: `{card['weights_file']}` ({card['storage']}), SHA-256 `{card['sha256']}`",
              f"- Network: `{cfg['name']}` — {'CoRX-NET with cross-stitch' if cfg.get('cross_stitch') else cfg['architecture']}, "
              f"embed {cfg['embed_dim']}, depths {cfg['depths']}, heads {cfg['num_heads']}, window {cfg['window_size']}, "
-             f"field at {'half' if cfg['flow_level'] else 'full'} resolution, input {cfg['image_size']}",
+             f"field at {'half' if cfg['flow_level'] else 'full'} resolution, input {cfg['image_size']}, "
+             f"{'diffeomorphic (stationary velocity field, scaling and squaring)' if cfg.get('diffeomorphic') else 'displacement field'}",
+             f"- Pre-alignment: {card['preprocess'].get('prealign', 'none')} (CT-CT, fitted per pair before the network; "
+             "the network corrects what is left)" if card['preprocess'].get('prealign', 'none') != 'none' else
+             "- Pre-alignment: none",
              f"- Parameters: {card['parameters']:,}",
              f"- Preprocessing: {card['preprocess']}",
              "", "## Training", "",
@@ -96,6 +107,9 @@ def model_card_markdown(card: dict) -> str:
              f"- Selected checkpoint: epoch {tr['selected_epoch']}, step {tr['selected_step']} "
              f"(of {tr['total_steps_run']} run); wall time {tr['wall_time_h']} h",
              f"- Hardware: {tr['hardware']}",
+             *([f"- Initialised from `{tr['initialised_from']['checkpoint']}`: {tr['initialised_from']['steps']} steps "
+                f"({tr['initialised_from']['epoch']} epochs) of `corx train` with "
+                f"{tr['initialised_from']['train_config']}"] if tr.get("initialised_from") else []),
              "", "## Validation (held-out simulated patients, reference-fixed pairs)", ""]
     if val:
         lines += ["| metric | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in val.items()]
