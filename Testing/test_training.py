@@ -101,6 +101,23 @@ def test_training_resumes_to_the_identical_next_step(data_dir, tmp_path):
     assert any(not torch.equal(fresh[k], wa[k]) for k in fresh if fresh[k].is_floating_point())
 
 
+def test_init_fine_tunes_from_a_model_and_refuses_other_layers(data_dir, tmp_path):
+    common = dict(data=str(data_dir), epochs=1, val_patients=1, seed=3, checkpoint_every=100, lr=2e-3)
+    train(TrainConfig(out=str(tmp_path / "first"), network="corx-tiny", max_steps=1, **common), log=lambda *a: None)
+    start = _weights(tmp_path / "first" / "last.pt")
+    # max_steps=0 stops before any step: the saved weights are the initial ones
+    tuned = train(TrainConfig(out=str(tmp_path / "tuned"), network="corx-tiny", max_steps=0,
+                              network_overrides={"diffeomorphic": True}, init=str(tmp_path / "first" / "last.pt"),
+                              **common), log=lambda *a: None)
+    assert tuned["step"] == 0
+    got = _weights(tmp_path / "tuned" / "last.pt")
+    for k in start:
+        torch.testing.assert_close(got[k], start[k], msg=k)
+    with pytest.raises(ValueError, match="do not fit"):
+        train(TrainConfig(out=str(tmp_path / "other"), network="corx-tiny", network_overrides={"embed_dim": 16},
+                          init=str(tmp_path / "first" / "last.pt"), **common), log=lambda *a: None)
+
+
 def test_epoch_end_validates_and_keeps_the_best(data_dir, tmp_path):
     out = tmp_path / "run"
     result = train(TrainConfig(data=str(data_dir), out=str(out), network="corx-tiny", epochs=1, val_patients=1,

@@ -211,6 +211,9 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
                  "elapsed_s": elapsed0 + time.perf_counter() - t_start, "optimizer": optimiser.state_dict()}
         save_checkpoint(last_path, network, prep.to_dict(), meta, extra=extra)
 
+    if cfg.max_steps is not None and step >= cfg.max_steps:   # e.g. the recipe run again after it finished
+        save(start["epoch"], start["position"], "step budget")
+        return {"checkpoint": str(last_path), "history": history, "stopped": "step budget", "step": step}
     stop_reason = "finished"
     for epoch in range(start["epoch"], cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs))
