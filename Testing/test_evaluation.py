@@ -35,7 +35,7 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     runner = MethodRunner({"corx": str(model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
                           elastix_resolutions=2)
     methods = runner.available()
-    assert methods == ["identity", "rigid", "elastix", "corx", "corx-refine"]
+    assert methods == ["identity", "rigid", "elastix", "elastix-masked", "corx", "corx-refine"]
     pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None,
                                  figure_path=tmp_path / "figure.png")
     import matplotlib.image

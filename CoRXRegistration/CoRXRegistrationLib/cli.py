@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--quick", action="store_true", help="1 small patient, 3 time points, short Elastix (CI)")
-    ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "transmorph", "corx-nocs", "corx",
+    ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph", "corx-nocs", "corx",
                                                      "corx-refine"], help="a subset (default: every available)")
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -49,13 +49,18 @@ def paper_parameter_maps(itk, iterations: int = 1000, resolutions: int = 4):
 
 
 def elastix_register_ct(fixed_ct: np.ndarray, moving_ct: np.ndarray, geometry: Geometry, iterations: int = 1000,
-                        resolutions: int = 4, threads: int | None = None) -> np.ndarray:
+                        resolutions: int = 4, threads: int | None = None, fixed_mask: np.ndarray | None = None) -> np.ndarray:
     """Register moving CT to fixed CT (both on ``geometry``); returns the (Z, Y, X, 3) LPS-mm field in the
-    resampling convention (fixed point p -> moving point p + u(p)), as elastix's own transform maps."""
+    resampling convention (fixed point p -> moving point p + u(p)), as elastix's own transform maps.
+    ``fixed_mask`` (bool, on ``geometry``): where elastix samples its metric (not in the paper's set-up)."""
     itk = _itk()
     fixed = _to_itk(itk, fixed_ct, geometry)
     moving = _to_itk(itk, moving_ct, geometry)
     method = itk.ElastixRegistrationMethod.New(fixed, moving)
+    if fixed_mask is not None:
+        mask = itk.image_from_array(np.ascontiguousarray(fixed_mask, np.uint8))
+        mask.CopyInformation(fixed)
+        method.SetFixedMask(mask)
     method.SetParameterObject(paper_parameter_maps(itk, iterations, resolutions))
     method.SetLogToConsole(False)
     if threads:

@@ -56,7 +56,8 @@ def rigid_displacement(params: torch.Tensor, shape: tuple) -> torch.Tensor:
     return (moved - p).reshape(1, 3, *shape)
 
 
-def _cost_weight(fixed_ct: torch.Tensor, body_level: float, margin: int) -> torch.Tensor:
+def field_of_view_band(fixed_ct: torch.Tensor, body_level: float, margin: int) -> torch.Tensor:
+    """1 between the first and last axial slices holding body, shrunk by ``margin`` slices, else 0."""
     body_slices = (fixed_ct[0, 0] > body_level).flatten(1).any(1).nonzero().flatten()
     weight = torch.zeros_like(fixed_ct)
     if body_slices.numel() == 0:
@@ -78,7 +79,7 @@ def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: 
         raise ValueError(f"rigid pre-alignment takes one pair of equal grids, got {tuple(fixed_ct.shape)} "
                          f"and {tuple(moving_ct.shape)}")
     fixed_ct, moving_ct = fixed_ct.detach().float(), moving_ct.detach().float()
-    weight = _cost_weight(fixed_ct, body_level, cfg.margin_voxels)
+    weight = field_of_view_band(fixed_ct, body_level, cfg.margin_voxels)
     params = torch.zeros(6, device=fixed_ct.device, requires_grad=True)
     scale = torch.tensor([1.0] * 3 + [cfg.lr_translation_voxels / cfg.lr_rotation] * 3, device=fixed_ct.device)
     with torch.enable_grad():
