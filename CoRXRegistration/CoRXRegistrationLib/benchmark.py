@@ -119,6 +119,24 @@ def benchmark_voxel_tia(repeats: int = 3, shape=(128, 128, 128), seed: int = 0) 
             "threads": torch.get_num_threads()}
 
 
+def benchmark_registration(repeats: int = 3, model="bundled", device: str = "cpu", seed: int = 5000) -> dict:
+    """Median seconds of ``engine.register`` for one clinical-size simulated pair (24 h onto 4 h) with
+    the given model, per stage (preprocessing, pre-alignment, network) and in total, without the QA
+    metrics and native-resolution outputs (those are reported by ``corx register`` itself)."""
+    from .engine import load_model, register
+    from .simulation import SimulationConfig, simulate_series
+
+    sessions = simulate_series(SimulationConfig.preset("clinical", seed=seed)).sessions()
+    loaded = load_model(model)
+    runs = []
+    for r in range(repeats + 1):                 # the first run is warm-up
+        result = register(sessions[0], sessions[1], model=loaded, device=device, native_outputs=False,
+                          qa_metrics=False)
+        if r:
+            runs.append(result.timings_s)
+    return {k: statistics.median(t[k] for t in runs) for k in runs[0]}
+
+
 def format_network_table(rows: list, paper: dict) -> str:
     lines = ["| configuration | parameters | paper | grid | forward median (s) | peak RSS (MB) | GPU peak (MB) |",
              "|---|---:|---:|---|---:|---:|---:|"]

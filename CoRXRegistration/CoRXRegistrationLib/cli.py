@@ -165,7 +165,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_benchmark(args) -> int:
     import torch
 
-    from .benchmark import benchmark_networks, benchmark_voxel_tia, format_network_table
+    from .benchmark import benchmark_networks, benchmark_registration, benchmark_voxel_tia, format_network_table
     from .network import PAPER_PARAMETER_COUNTS
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
@@ -176,6 +176,10 @@ def _cmd_benchmark(args) -> int:
         r = benchmark_voxel_tia(repeats=args.repeats)
         print(f"\nvoxel TIA {r['shape']}: median {r['median_s']:.2f} s (min {r['min_s']:.2f} s, "
               f"{r['threads']} threads)")
+    if not args.skip_register:
+        t = benchmark_registration(repeats=args.repeats, device=args.device)
+        print("\nregister() one clinical pair with the bundled model (median s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
     return 0
 
 
@@ -280,17 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--quick", action="store_true", help="1 small patient, 3 time points, short Elastix (CI)")
-    ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph", "corx-nocs", "corx",
-                                                     "corx-refine"], help="a subset (default: every available)")
+    ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph",
+                                                     "corx-nocs", "corx", "corx-refine"],
+                    help="a subset (default: every available)")
     ev.set_defaults(func=_cmd_evaluate)
 
-    b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time")
+    b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time; "
+                                         "register() time per pair")
     b.add_argument("--configs", nargs="+", default=["corx-paper", "corx-paper-nocs", "transmorph-paper",
                                                     "corx-cpu", "corx-cpu-nocs", "transmorph-cpu"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="cpu")
     b.add_argument("--skip-networks", action="store_true")
     b.add_argument("--skip-tia", action="store_true")
+    b.add_argument("--skip-register", action="store_true", help="skip timing register() on a clinical pair")
     b.set_defaults(func=_cmd_benchmark)
     return p
 
