@@ -25,8 +25,6 @@ def test_bundled_model_loads_weights_only_and_matches_its_card():
     assert (BUNDLED_MODEL.with_suffix(".md")).read_text().count(card["sha256"]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="model v0 (2 epochs on CPU) improves on identity by only a few per cent; "
-                   "issue 5 stays open until a retrained model passes — then remove this marker")
 def test_bundled_model_beats_identity_on_a_simulated_pair(small_series):
     """Seed 11 is not a training seed (100-127). Displacement error against the true field."""
     s = small_series
@@ -40,5 +38,5 @@ def test_bundled_model_beats_identity_on_a_simulated_pair(small_series):
         identity = displacement_error_mm(np.zeros_like(truth), truth, body)["mean_mm"]
         improvements.append(corx / identity)
         assert result.metrics["registered"]["spect_lncc"] > result.metrics["identity"]["spect_lncc"]
-        assert result.metrics["registered"]["jacobian_nonpositive_percent"] < 0.5
+        assert result.metrics["registered"]["jacobian_nonpositive_percent"] < 0.05     # the issue's folding target
     assert max(improvements) < 0.75, improvements
