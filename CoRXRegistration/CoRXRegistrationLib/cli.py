@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from .geometry import GeometryError
 from .imageio import ImageFileError
 from .progress import TerminalProgress

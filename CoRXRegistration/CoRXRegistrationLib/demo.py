@@ -129,53 +129,43 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
     corx_aligned, pairs = register_series(sessions, times_h, ref, out / "corx_registration" / "registration",
                                           model=model, device=device, overwrite=overwrite)
     timing["corx_registration"] = time.perf_counter() - t1
-    methods = {"no_registration": None, "corx_registration": corx_aligned}
+    methods = {"no_registration": lambda: resampled_to_reference(sessions, ref),
+               "corx_registration": lambda: corx_aligned}
     if series is not None:
-        methods["ideal_registration"] = "truth"
-    tables, voi_rows = {}, {}
-    corx_tia = None
-    for key, given in methods.items():
+        methods["ideal_registration"] = lambda: resampled_to_reference(sessions, ref, series.truth_field_spect)
+    tables, voi_rows, aligned_by, tia_by = {}, {}, {}, {}
+    for key, align in methods.items():
         bar = TerminalProgress(f"TIA ({key.replace('_', ' ')})")
         t1 = time.perf_counter()
         bar(0.0, "align SPECT")
-        if given is None:
-            aligned = resampled_to_reference(sessions, ref)
-        elif given == "truth":
-            aligned = resampled_to_reference(sessions, ref, series.truth_field_spect)
-        else:
-            aligned = given
+        aligned = aligned_by[key] = align()
         bar(0.3, "voxel TIA, dose, VOIs")
         outputs = compute_tia_outputs(aligned, times_h, ref_g, data["segments"], data["segmentation_geometry"],
                                       np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry)
         write_tia_outputs(outputs, out / key, list(times_h), [str(data["manifest"])], overwrite=overwrite)
         for i, a in enumerate(aligned):
             write_image(out / key / f"spect_on_reference_{times_h[i]:g}h.nii.gz", a, ref_g)
-        voi_rows[key] = outputs.voi_rows
+        voi_rows[key], tia_by[key] = outputs.voi_rows, outputs.tia
         if series is not None:
             tables[key] = tia_truth_comparison(outputs, series)
-        if key == "corx_registration":
-            corx_tia = outputs.tia
         timing[f"tia_{key}"] = time.perf_counter() - t1
         bar(1.0, "done")
-    timing["report"] = 0.0
-    timing["total"] = time.perf_counter() - t0
-    report = {"series": str(data["manifest"]), "timing_s": {k: round(v, 2) for k, v in timing.items()},
-              "registration": registration_summary(pairs, times_h, series), "vois": tables,
-              "voi_tables": {k: v for k, v in voi_rows.items()}}
+    report = {"series": str(data["manifest"]), "registration": registration_summary(pairs, times_h, series),
+              "vois": tables, "voi_tables": voi_rows}
     t1 = time.perf_counter()
     ct_ref_on_spect = resample(np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry, ref_g,
                                fill=-1000.0)
     kidneys = None
-    if data["segments"]:
+    if data["segments"] and data["segmentation_geometry"].same_grid(ref_g):
         kidneys = np.zeros(ref_g.shape, bool)
         for name, m in data["segments"].items():
-            if "kidney" in name and data["segmentation_geometry"].same_grid(ref_g):
+            if "kidney" in name:
                 kidneys |= m
     errors = {k: {v: r["median_abs_voxel_error_pct_vs_psf_truth"] for v, r in t.items()} for k, t in tables.items()}
     save_demo_figure(out / "report.png", ct_hu=ct_ref_on_spect, geometry=ref_g, times_h=times_h,
-                     reference_index=ref, spect_unregistered=resampled_to_reference(sessions, ref),
+                     reference_index=ref, spect_unregistered=aligned_by["no_registration"],
                      spect_registered=corx_aligned, fields={i: p["field"] for i, p in pairs.items()},
-                     jacobians={i: p["jacobian"] for i, p in pairs.items()}, tia_map=corx_tia,
+                     jacobians={i: p["jacobian"] for i, p in pairs.items()}, tia_map=tia_by["corx_registration"],
                      voi_rows=voi_rows["corx_registration"], voi_errors=errors, coronal_mask=kidneys,
                      title=data["title"], footer=_footer(report))
     timing["report"] = time.perf_counter() - t1

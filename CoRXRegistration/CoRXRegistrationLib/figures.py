@@ -50,6 +50,14 @@ def jacobian_panel(fig, ax, jacobian, y_index: int, aspect: float, title: str):
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
 
 
+def _save(fig, path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def _clean(axes):
     for ax in np.ravel(axes):
         ax.set_xticks([])
@@ -99,11 +107,7 @@ def save_demo_figure(path, *, ct_hu, geometry, times_h, reference_index: int, sp
     _time_activity_panel(fig.add_subplot(grid[-1, 1:3]), times_h, voi_rows)
     _error_panel(fig.add_subplot(grid[-1, 3:5]), voi_errors)
     fig.suptitle(title + ("\n" + footer if footer else ""), fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=80)
 
 
 def _time_activity_panel(ax, times_h, voi_rows: list):
@@ -194,8 +198,4 @@ def save_methods_figure(path, *, ct_hu, geometry, fixed_spect, moving_spect, war
                        f"{m}: Jacobian (<= 0: {100.0 * float(np.mean(jac <= 0)):.2f} %)")
         _clean(axes)
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=75)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=75)

@@ -130,11 +130,10 @@ def levenberg_marquardt(name: str, t, y, p0, iterations: int = 30, weights=None)
 def mono_initial(t, y, time_major: bool = False):
     """Log-linear weighted (w = y^2) estimate of (A0, l) per curve; NaN where < 2 positive points.
     Computed in the precision of ``y`` (float32 or float64)."""
-    t = [float(v) for v in np.asarray(t, float)]
     yt = np.asarray(y) if time_major else np.asarray(y).T
     if yt.dtype not in (np.float32, np.float64):
         yt = yt.astype(np.float64)
-    t = [yt.dtype.type(v) for v in t]
+    t = [yt.dtype.type(v) for v in np.asarray(t, np.float64)]
     sw = swt = swl = 0.0
     npos = 0
     logs, weights = [], []
@@ -231,14 +230,14 @@ def fit_mono_fast(t, y, iterations: int = 8, time_major: bool = False, dtype=np.
 
 
 def _fit_mono_steps(t, y, iterations, time_major, dtype):
-    t = [float(v) for v in np.asarray(t, np.float64)]
+    t64 = np.asarray(t, np.float64)
     yt = np.asarray(y, dtype) if time_major else np.ascontiguousarray(np.asarray(y, dtype).T)
-    p = mono_initial(np.asarray(t), yt, time_major=True).astype(dtype, copy=False)
+    p = mono_initial(t64, yt, time_major=True).astype(dtype, copy=False)
     ok = np.all(np.isfinite(p), axis=1)
     a = np.where(ok, p[:, 0], dtype(0.0))
     lam = np.where(ok, np.clip(p[:, 1], -5.0, 50.0), dtype(0.0))
     mu = np.full(yt.shape[1], 1e-3, dtype)
-    t = [dtype(v) for v in t]
+    t = [dtype(v) for v in t64]
 
     def cost_of(a_, lam_):
         e_ = [np.exp(-lam_ * ti) for ti in t]
