@@ -1,8 +1,11 @@
 """Evaluation harness: every column finite on a tiny set; known deformations give known errors."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from CoRXRegistrationLib.benchmark import PeakMemory
 from CoRXRegistrationLib.evaluation import (MethodRunner, PAIR_COLUMNS, displacement_error_mm, evaluate_series,
                                             summarise, warped_label_dice)
 from CoRXRegistrationLib.network import build_network, named_config
@@ -23,6 +26,21 @@ def test_known_deformation_gives_known_error():
     assert e["mean_mm"] == pytest.approx(5.0) and e["p95_mm"] == pytest.approx(5.0) and e["voxels"] == 27
     with pytest.raises(ValueError, match="empty mask"):
         displacement_error_mm(field, truth, np.zeros_like(mask))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS is sampled from /proc (Linux)")
+def test_peak_memory_of_a_block_after_another_freed_memory():
+    """A block's figure is what it allocates, also when an earlier block left freed heap pages
+    behind (many small allocations, so the C heap, not mmap, holds them)."""
+    def small_allocations(n=150_000):
+        arrays = [np.ones(128) for _ in range(n)]          # ~1.1 kB each, ~170 MB in all
+        return arrays, np.ones(128)                         # the last one pins the top of the heap
+    first, pin = small_allocations()
+    expected_mb = 150_000 * (first[0].nbytes + 100) / 2 ** 20
+    del first
+    with PeakMemory() as memory:
+        second, pin2 = small_allocations()
+    assert 0.8 * expected_mb < memory.peak_mb < 1.6 * expected_mb
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

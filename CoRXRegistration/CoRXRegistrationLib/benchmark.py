@@ -22,7 +22,10 @@ class PeakMemory:
     """Peak resident memory (MB) of this process while a block runs, above its level at entry.
 
     Samples /proc/self/statm every ``interval_s`` in a thread (Linux); elsewhere ``peak_mb`` is NaN.
-    Methods compared in one process each get their own figure this way, which ru_maxrss cannot give."""
+    Methods compared in one process each get their own figure this way, which ru_maxrss cannot give.
+    At entry the C allocator is asked to return freed heap pages to the system (glibc
+    ``malloc_trim``), so the entry level is live memory and not what an earlier block freed; without
+    that, a block that reuses those pages would read near 0."""
 
     def __init__(self, interval_s: float = 0.02):
         self.interval_s, self.peak_mb = interval_s, float("nan")
@@ -35,8 +38,17 @@ class PeakMemory:
         except (OSError, ValueError, IndexError):
             return None
 
+    @staticmethod
+    def _release_free_heap() -> None:
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):        # not glibc: the entry level may include freed pages
+            pass
+
     def __enter__(self):
         import threading
+        self._release_free_heap()
         self._base = self._rss_mb()
         self._top = self._base
         self._stop = threading.Event()

@@ -14,7 +14,7 @@ import torch
 from ..network.checkpoint import file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from ..network.networks import count_parameters
 
-RECIPE = "scripts/train_bundled_model.sh"
+RECIPE = "NETWORK={network} scripts/train_model.sh"   # scripts/train_bundled_model.sh for corx-cpu
 LIMITS = [
     "Trained on simulated procedural anatomies only (177Lu-DOTATATE kinetics, 4-120 h); real patient "
     "data may differ (scatter, attenuation artefacts, metal, truncated fields of view).",
@@ -54,7 +54,7 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
         "parameters": count_parameters(network),
         "preprocess": payload["preprocess"],
         "training": {
-            "recipe": RECIPE,
+            "recipe": RECIPE.format(network=network.config.name),
             "train_config": meta.get("train_config", {}),
             "selected_epoch": meta.get("epoch"),
             "selected_step": step,
