@@ -233,6 +233,34 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         return {"pairs": pairs, "qaTable": addTableNode(rows, "CoRX registration QA"),
                 "registeredSPECT": registered}
 
+    def seriesFromDicom(self, volumeNodes, injection=None, fileForInstance=None):
+        """[(hours after injection, CT node, SPECT node)] in time order, from the DICOM headers of the
+        volumes loaded through Slicer's DICOM module (their "DICOM.instanceUIDs" attribute): SPECT
+        acquisition start minus the radiopharmaceutical start date-time, each SPECT paired with the CT
+        acquired within 2 h of it. ``injection``: a datetime or "YYYY-MM-DD HH:MM" that overrides the
+        headers. ``fileForInstance``: UID -> file path (default: Slicer's DICOM database). Raises
+        DicomTimeError naming the problem (no dated injection, SPECT without CT, ...)."""
+        from CoRXRegistrationLib.dicom_times import (DicomTimeError, parse_user_datetime, read_dicom_timing,
+                                                     series_from_dicom_timings)
+        if fileForInstance is None:
+            database = getattr(slicer, "dicomDatabase", None)
+            if database is None:
+                raise DicomTimeError("Slicer's DICOM database is not open")
+            fileForInstance = database.fileForInstance
+        nodes, timings = {}, {}
+        for node in volumeNodes:
+            uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+            path = fileForInstance(uids[0]) if uids else None
+            if path:
+                nodes[node.GetID()] = node
+                timings[node.GetID()] = read_dicom_timing(path)
+        if not timings:
+            raise DicomTimeError("none of the volumes was loaded from DICOM")
+        if isinstance(injection, str):
+            injection = parse_user_datetime(injection) if injection.strip() else None
+        rows = series_from_dicom_timings(timings, injection)
+        return [(hours, nodes[ct], nodes[spect]) for hours, ct, spect in rows]
+
     def loadSeries(self, manifestPath, loadTruth=True):
         """Load a CoRX series (``series.json``) as volume nodes; returns {"ct": [...], "spect": [...], ...}."""
         import json
@@ -378,17 +406,29 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
             self.ui.statusLabel.text = f"Loaded {len(loaded['ct'])} time points."
 
     def onFillFromScene(self):
+        """DICOM acquisition times where the volumes came from DICOM, else hours in the volume names."""
+        from CoRXRegistrationLib.dicom_times import DicomTimeError
         from CoRXRegistrationLib.series_io import series_from_names
-        volumes = {n.GetName(): n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")}
-        found = series_from_names(list(volumes))
+        volumeNodes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+        if any(n.GetAttribute("DICOM.instanceUIDs") for n in volumeNodes):
+            try:
+                found = self.logic.seriesFromDicom(volumeNodes, self.ui.injectionLineEdit.text)
+            except DicomTimeError as e:
+                slicer.util.errorDisplay(f"Hours after injection could not be read from DICOM: {e}")
+                return
+            source = "DICOM acquisition times"
+        else:
+            volumes = {n.GetName(): n for n in volumeNodes}
+            found = [(h, volumes[ct], volumes[spect]) for h, ct, spect in series_from_names(list(volumes))]
+            source = "volume names"
         if not found:
             slicer.util.errorDisplay("No CT/SPECT pairs with hours in their names (e.g. 'CT 24h', 'SPECT 24h') "
                                      "were found; fill the table by hand.")
             return
         self.ui.seriesTable.setRowCount(0)
         for hours, ct, spect in found:
-            self.addRow(volumes[ct], volumes[spect], hours)
-        self.ui.statusLabel.text = f"Found {len(found)} time points from volume names; check them before Apply."
+            self.addRow(ct, spect, hours)
+        self.ui.statusLabel.text = f"Found {len(found)} time points from {source}; check them before Apply."
 
     # ---- model
     def onModelChanged(self, *_):

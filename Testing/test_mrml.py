@@ -174,3 +174,27 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
     assert int(nodes["jacobian"].GetAttribute("CoRX.FoldedVoxels")) == int((jac <= 0).sum())
     colors = slicer.mrmlScene.GetNodeByID(nodes["jacobian"].GetDisplayNode().GetColorNodeID())
     assert colors.GetName().startswith("CoRX Jacobian") and colors.GetNumberOfColors() == 256
+
+
+def test_series_from_dicom_headers_of_volume_nodes(mrml_scene, tmp_path):
+    """Nodes loaded from DICOM carry their instance UIDs; the Logic reads their files' headers."""
+    from CoRXRegistration import CoRXRegistrationLogic, addVolumeNode
+    from CoRXRegistrationLib.dicom_times import DicomTimeError
+    from test_dicom_times import write_dicom
+    g = Geometry((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    files, nodes = {}, []
+    for name, modality, acquired in (("CT a", "CT", "20260302 131000"), ("NM a", "NM", "20260302 131500"),
+                                     ("NM b", "NM", "20260304 091500"), ("CT b", "CT", "20260304 092000")):
+        uid = f"1.2.3.{len(files)}"
+        files[uid] = write_dicom(tmp_path / f"{len(files)}.dcm", modality, acquired)
+        node = addVolumeNode(np.zeros(g.shape, np.float32), g, name)
+        node.SetAttribute("DICOM.instanceUIDs", f"{uid} 9.9.9")
+        nodes.append(node)
+    nodes.append(addVolumeNode(np.zeros(g.shape, np.float32), g, "not from DICOM"))
+    logic = CoRXRegistrationLogic()
+    found = logic.seriesFromDicom(nodes, fileForInstance=files.get)
+    assert [(h, ct.GetName(), spect.GetName()) for h, ct, spect in found] == [(4.0, "CT a", "NM a"),
+                                                                            (48.0, "CT b", "NM b")]
+    assert [h for h, _, _ in logic.seriesFromDicom(nodes, "2026-03-02 11:15", files.get)] == [2.0, 46.0]
+    with pytest.raises(DicomTimeError, match="none of the volumes was loaded from DICOM"):
+        logic.seriesFromDicom(nodes[-1:], fileForInstance=files.get)

@@ -1,0 +1,158 @@
+"""Hours after injection from DICOM headers: the acquisition time of each SPECT and the
+radiopharmaceutical start (injection) time, and the CT of the same session.
+
+Conventions: a time point's hours are the SPECT acquisition *start* minus the injection time
+(``Radiopharmaceutical Start DateTime`` (0018,1078) in the NM file's Radiopharmaceutical
+Information Sequence, or given by the user). Times are local clock times as written in the
+headers; a UTC offset in a DT value is ignored, so every header of a series must use one clock.
+Nothing is guessed: a start time without a date, SPECTs that disagree on the injection, or a
+SPECT without a CT acquired within ``max_ct_gap_h`` raise :class:`DicomTimeError`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+SPECT_MODALITIES = ("NM", "PT")
+
+
+class DicomTimeError(ValueError):
+    """The headers do not give the hours after injection unambiguously."""
+
+
+@dataclass(frozen=True)
+class DicomTiming:
+    """What one volume's header says about when it was acquired."""
+    modality: str
+    acquisition: datetime
+    acquisition_source: str            # which attribute gave it
+    injection: datetime | None         # NM/PT files only, when the header holds a dated start time
+    injection_time_only: str | None = None   # a start time without a date (not usable alone)
+
+
+_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
+_TM = re.compile(r"^(\d{2})(?::?(\d{2}))?(?::?(\d{2}))?(?:\.(\d{1,6}))?$")
+_DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?(?:[+-]\d{4})?$")
+
+
+def _fraction_us(text) -> int:
+    return int((text or "0").ljust(6, "0"))
+
+
+def parse_da_tm(date: str, time: str) -> datetime:
+    """A DICOM DA ("YYYYMMDD", legacy "YYYY.MM.DD") and TM ("HHMMSS.FFFFFF", "HHMM", "HH",
+    legacy "HH:MM:SS") pair as one datetime."""
+    d, t = _DA.match(str(date).strip()), _TM.match(str(time).strip())
+    if d is None:
+        raise DicomTimeError(f"not a DICOM date (DA): {date!r}")
+    if t is None:
+        raise DicomTimeError(f"not a DICOM time (TM): {time!r}")
+    return datetime(int(d[1]), int(d[2]), int(d[3]), int(t[1]), int(t[2] or 0), int(t[3] or 0), _fraction_us(t[4]))
+
+
+def parse_dt(value: str) -> datetime:
+    """A DICOM DT ("YYYYMMDDHHMMSS.FFFFFF&ZZXX", any trailing precision); the offset is ignored."""
+    m = _DT.match(str(value).strip())
+    if m is None or m[3] is None:
+        raise DicomTimeError(f"not a dated DICOM date-time (DT): {value!r}")
+    return datetime(int(m[1]), int(m[2]), int(m[3]), int(m[4] or 0), int(m[5] or 0), int(m[6] or 0),
+                     _fraction_us(m[7]))
+
+
+def parse_user_datetime(text: str) -> datetime:
+    """An injection time typed by a person: ISO "YYYY-MM-DD HH:MM[:SS]" or a DICOM DT."""
+    text = str(text).strip()
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"):
+        try:
+            return datetime.strptime(text, fmt)
+        except ValueError:
+            pass
+    try:
+        return parse_dt(text)
+    except DicomTimeError:
+        raise DicomTimeError(f"injection time {text!r}: write it as YYYY-MM-DD HH:MM") from None
+
+
+def _text(ds, keyword):
+    value = getattr(ds, keyword, None)
+    return str(value).strip() if value not in (None, "") else None
+
+
+def timing_from_dataset(ds) -> DicomTiming:
+    """:class:`DicomTiming` of a pydicom dataset (header only is enough)."""
+    modality = _text(ds, "Modality") or "?"
+    acquisition = source = None
+    if _text(ds, "AcquisitionDateTime"):
+        acquisition, source = parse_dt(_text(ds, "AcquisitionDateTime")), "AcquisitionDateTime"
+    else:
+        for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"),
+                                 ("ContentDate", "ContentTime")):
+            if _text(ds, date_kw) and _text(ds, time_kw):
+                acquisition, source = parse_da_tm(_text(ds, date_kw), _text(ds, time_kw)), f"{date_kw}/{time_kw}"
+                break
+    if acquisition is None:
+        raise DicomTimeError("the header has no acquisition, series or content date and time")
+    injection = time_only = None
+    if modality in SPECT_MODALITIES:
+        for item in getattr(ds, "RadiopharmaceuticalInformationSequence", None) or []:
+            if _text(item, "RadiopharmaceuticalStartDateTime"):
+                injection = parse_dt(_text(item, "RadiopharmaceuticalStartDateTime"))
+                break
+            time_only = time_only or _text(item, "RadiopharmaceuticalStartTime")
+    return DicomTiming(modality, acquisition, source, injection, time_only)
+
+
+def read_dicom_timing(path) -> DicomTiming:
+    """:class:`DicomTiming` of one DICOM file (pixel data are not read)."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as e:                                   # pydicom raises several kinds
+        raise DicomTimeError(f"{path}: not a readable DICOM file ({e})") from e
+    try:
+        return timing_from_dataset(ds)
+    except DicomTimeError as e:
+        raise DicomTimeError(f"{path}: {e}") from None
+
+
+def series_from_dicom_timings(timings: dict, injection: datetime | None = None,
+                              max_ct_gap_h: float = 2.0) -> list:
+    """[(hours after injection, CT name, SPECT name)] in time order from ``{volume name: DicomTiming}``.
+
+    SPECT = modality NM (or PT); each is paired with the CT acquired nearest to it within
+    ``max_ct_gap_h`` (the CT of the same SPECT/CT session), each CT used once. ``injection``
+    (the user's) overrides the headers; without it every SPECT must state the same dated start
+    time (within one minute)."""
+    spects = {n: t for n, t in timings.items() if t.modality in SPECT_MODALITIES}
+    cts = {n: t for n, t in timings.items() if t.modality == "CT"}
+    if not spects:
+        raise DicomTimeError("no SPECT (modality NM) among the DICOM volumes")
+    if injection is None:
+        stated = {n: t.injection for n, t in spects.items() if t.injection is not None}
+        if len(stated) < len(spects):
+            missing = sorted(set(spects) - set(stated))
+            time_only = [n for n in missing if spects[n].injection_time_only]
+            why = (f"{time_only[0]!r} gives a radiopharmaceutical start time without a date" if time_only
+                   else f"{missing[0]!r} has no radiopharmaceutical start date-time")
+            raise DicomTimeError(f"{why}; enter the injection date and time")
+        first = min(stated.values())
+        if max(stated.values()) - first > timedelta(minutes=1):
+            detail = ", ".join(f"{n}: {v:%Y-%m-%d %H:%M}" for n, v in sorted(stated.items()))
+            raise DicomTimeError(f"the SPECTs state different injection times ({detail}): "
+                                 "not one administration; enter the injection date and time")
+        injection = first
+    rows, used = [], set()
+    for name, t in sorted(spects.items(), key=lambda kv: kv[1].acquisition):
+        hours = (t.acquisition - injection).total_seconds() / 3600.0
+        if hours < 0:
+            raise DicomTimeError(f"{name!r} was acquired {t.acquisition:%Y-%m-%d %H:%M}, before the injection "
+                                 f"({injection:%Y-%m-%d %H:%M})")
+        gaps = sorted((abs((c.acquisition - t.acquisition).total_seconds()) / 3600.0, n)
+                      for n, c in cts.items() if n not in used)
+        if not gaps or gaps[0][0] > max_ct_gap_h:
+            raise DicomTimeError(f"no CT acquired within {max_ct_gap_h:g} h of SPECT {name!r} "
+                                 f"({t.acquisition:%Y-%m-%d %H:%M})")
+        used.add(gaps[0][1])
+        rows.append((round(hours, 2), gaps[0][1], name))
+    return rows
