@@ -44,3 +44,17 @@ def test_elastix_adapter_with_a_fixed_mask_on_a_rotated_grid():
     mask[6:-6, :, :] = True
     field = elastix_register_ct(fixed, moving, g, iterations=100, resolutions=2, fixed_mask=mask)
     np.testing.assert_allclose(field[mask].mean(axis=0), shift, atol=0.5)
+
+
+def test_elastix_parameter_maps_are_the_papers_set_up():
+    """Affine then B-spline, advanced Mattes MI only (no penalty term evaluated), the iteration budget given."""
+    import itk
+    from CoRXRegistrationLib.baselines.elastix import paper_parameter_maps
+    params = paper_parameter_maps(itk, iterations=1000, resolutions=4)
+    maps = [params.GetParameterMap(i) for i in range(params.GetNumberOfParameterMaps())]
+    assert [m["Transform"][0] for m in maps] == ["AffineTransform", "BSplineTransform"]
+    for m in maps:
+        assert list(m["Metric"]) == ["AdvancedMattesMutualInformation"]
+        assert not [k for k in m.keys() if k.startswith("Metric") and k[6:7].isdigit()]
+        assert m["MaximumNumberOfIterations"][0] == "1000"
+        assert m["NumberOfResolutions"][0] == "4"
