@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from CoRXRegistrationLib.engine import BUNDLED_MODEL, load_model, register

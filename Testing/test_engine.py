@@ -85,7 +85,7 @@ def test_spect_warp_preserves_voi_activity_for_a_known_translation(small_series)
 
 
 def test_bad_inputs_give_clear_errors(small_series, tiny_model):
-    fixed, moving = session(small_series, 0), session(small_series, 1)
+    fixed = session(small_series, 0)
     nan = session(small_series, 1)
     nan.spect = nan.spect.copy()
     nan.spect[3, 3, 3] = np.nan

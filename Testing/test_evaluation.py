@@ -55,7 +55,8 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     methods = runner.available()
     assert methods == ["identity", "rigid", "elastix", "elastix-masked", "corx", "corx-refine"]
     pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None,
-                                 figure_path=tmp_path / "figure.png")
+                                 figure_path=tmp_path / "figure.png", resume_dir=tmp_path / "resume",
+                                 resume_settings="run 1", resume_min_seconds=0.0)
     import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "figure.png").shape[0] > 500
     assert len(pairs) == len(methods)              # one (reference, moving) pair per method
@@ -79,3 +80,28 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     assert all(np.isfinite(r["median_abs_voxel_error_pct_vs_psf_truth"]) for r in tia)
     md = summarise(pairs, tia, methods)
     assert "| elastix |" in md and "speed vs Elastix" in md
+
+    # an interrupted run continued: stored fields are read back (same rows, no registration run);
+    # other settings, or a stored file cut short, are measured again
+    class CountingRunner(MethodRunner):
+        calls = 0
+
+        def field(self, *args):
+            CountingRunner.calls += 1
+            return super().field(*args)
+
+    again = CountingRunner({"corx": str(model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
+                           elastix_resolutions=2)
+    resumed, _ = evaluate_series(small_series, again, ["identity", "elastix"], TINY_PREP, "tiny", log=lambda *a: None,
+                                 resume_dir=tmp_path / "resume", resume_settings="run 1")
+    assert CountingRunner.calls == 0 and all(r["resumed"] for r in resumed)
+    for r in resumed:
+        first = next(p for p in pairs if p["method"] == r["method"])
+        assert {k: v for k, v in r.items() if k != "resumed"} == {k: v for k, v in first.items() if k != "resumed"}
+    (tmp_path / "resume" / "identity_48h.npz").write_bytes(b"cut short")
+    cut, _ = evaluate_series(small_series, again, ["identity"], TINY_PREP, "tiny", log=lambda *a: None,
+                             resume_dir=tmp_path / "resume", resume_settings="run 1")
+    assert CountingRunner.calls == 1 and not cut[0]["resumed"]
+    other, _ = evaluate_series(small_series, again, ["elastix"], TINY_PREP, "tiny", log=lambda *a: None,
+                               resume_dir=tmp_path / "resume", resume_settings="run 2")
+    assert CountingRunner.calls == 2 and not other[0]["resumed"]

@@ -46,7 +46,7 @@ def test_warping_moving_spect_with_saved_field_reproduces_reference_frame_activi
 
 
 def test_spect_field_differs_from_ct_field_by_the_session_mismatch(small_series):
-    s, ref = small_series, small_series.config.reference_index
+    s = small_series
     for i in s.truth_field_ct:
         d = s.truth_field_spect[i] - s.truth_field_ct[i]
         assert float(np.abs(d).max()) > 0.1  # CT-only registration is wrong for SPECT

@@ -8,6 +8,9 @@
 #   RUN2     stage 2: the same weights fine-tuned behind the rigid CT-CT pre-alignment,
 #            diffeomorphic, 2 epochs = 624 steps; best.pt is the epoch with the lowest validation loss
 #   EXPORT   the exported model (default: output/models/NETWORK.pt)
+# Committed checkpoints (training_checkpoints/NETWORK/best.pt = end of stage 1,
+# training_checkpoints/NETWORK-rigid/best.pt = end of stage 2; the exported comparison models in
+# training_checkpoints/models/) exist for corx-cpu and transmorph-cpu.
 # Never add the patient15 anatomy or the evaluation seeds (>= 5000) or the demo seed (1001) here.
 set -euo pipefail
 CORX=${CORX:-.venv/bin/corx}

@@ -15,6 +15,10 @@ from .geometry import GeometryError
 from .imageio import ImageFileError
 from .progress import TerminalProgress
 
+# TransMorph trained by the same recipe (NETWORK=transmorph-cpu scripts/train_model.sh); only in a source
+# checkout, not part of the Slicer extension.
+COMPARISON_TRANSMORPH = Path(__file__).resolve().parents[2] / "training_checkpoints" / "models" / "transmorph-cpu.pt"
+
 
 def _cmd_simulate(args) -> int:
     from .simulation import SimulationConfig, simulate_series, write_series
@@ -144,19 +148,22 @@ def _cmd_evaluate(args) -> int:
     from .evaluation import run_evaluation
 
     models = {"corx": args.model}
-    if args.transmorph:
-        models["transmorph"] = args.transmorph
+    transmorph = args.transmorph or (COMPARISON_TRANSMORPH if COMPARISON_TRANSMORPH.is_file() else None)
+    if transmorph:
+        models["transmorph"] = str(transmorph)
     if args.corx_nocs:
         models["corx-nocs"] = args.corx_nocs
     if args.quick:
         result = run_evaluation(args.out, seeds=args.seeds[:1], patient15=False,
                                 protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,
                                 preset="small", elastix_iterations=min(args.elastix_iterations, 100),
-                                refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods)
+                                refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods,
+                                resume=not args.fresh)
     else:
         result = run_evaluation(args.out, seeds=args.seeds, patient15=not args.no_patient15, models=models,
                                 preset=args.preset, elastix_iterations=args.elastix_iterations,
-                                refine_iterations=args.refine, device=args.device, methods=args.methods)
+                                refine_iterations=args.refine, device=args.device, methods=args.methods,
+                                resume=not args.fresh)
     print(result["markdown"])
     return 0
 
@@ -276,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out simulation seeds (training used 100-127)")
     ev.add_argument("--no-patient15", action="store_true")
     ev.add_argument("--model", default="bundled", help="the CoRX checkpoint")
-    ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way")
+    ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way (default: the committed "
+                                         "training_checkpoints/models/transmorph-cpu.pt of a source checkout)")
     ev.add_argument("--corx-nocs", help="a CoRX-without-cross-stitch checkpoint")
     ev.add_argument("--elastix-iterations", type=int, default=1000)
     ev.add_argument("--refine", type=int, default=20, help="refinement iterations of the corx-refine method")
@@ -286,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph",
                                                      "corx-nocs", "corx", "corx-refine"],
                     help="a subset (default: every available)")
+    ev.add_argument("--fresh", action="store_true",
+                    help="measure every field again (default: reuse the Elastix fields an interrupted run with the "
+                         "same settings left in OUT/resume/)")
     ev.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time; "

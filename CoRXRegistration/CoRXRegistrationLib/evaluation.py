@@ -12,6 +12,7 @@ against the true TIA.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,10 +123,35 @@ def _metric_tensors(session: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
     return tuple(torch.from_numpy(a)[None, None] for a in metric_images(*onto_grid(session, grid, cfg)))
 
 
+def _resumed_field(path, settings: str):
+    """(field, seconds, peak MB) stored by an earlier run with the same ``settings``, or None."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["settings"]) != settings:
+                return None
+            return z["field"], float(z["seconds"]), float(z["peak_memory_mb"])
+    except (OSError, ValueError, KeyError):          # a file cut short by the interruption: measure again
+        return None
+
+
+def _store_field(path, settings: str, field: np.ndarray, seconds: float, peak_mb: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.npz")
+    np.savez(partial, settings=np.array(settings), field=field.astype(np.float32), seconds=np.float64(seconds),
+             peak_memory_mb=np.float64(peak_mb))
+    partial.replace(path)                            # whole or absent, never half-written
+
+
 def evaluate_series(series, runner: MethodRunner, methods: list, cfg: PreprocessConfig, dataset: str,
-                    log=print, figure_path=None) -> tuple:
+                    log=print, figure_path=None, resume_dir=None, resume_settings: str = "",
+                    resume_min_seconds: float = 30.0) -> tuple:
     """Register every moving time point to the reference with every method; returns (pair rows, TIA rows).
-    With ``figure_path``, draws the last moving time point for every method (:func:`figures.save_methods_figure`)."""
+    With ``figure_path``, draws the last moving time point for every method (:func:`figures.save_methods_figure`).
+    With ``resume_dir``, a field that took at least ``resume_min_seconds`` is stored there with its seconds
+    and peak memory, and read back instead of recomputed by a later run with the same ``resume_settings``
+    (the row then has ``resumed`` True), so a long run can be interrupted and continued."""
     from TIAMappingLib.pipeline import compute_tia_outputs
 
     sessions = series.sessions()
@@ -145,14 +171,21 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
             if i == ref:
                 aligned.append(series.spect[i])
                 continue
-            t0 = time.perf_counter()
-            with PeakMemory() as memory:
-                field = runner.field(method, sessions[ref], sessions[i], grid, cfg)
-            seconds = time.perf_counter() - t0
+            stored = None if resume_dir is None else Path(resume_dir) / f"{method}_{h:g}h.npz"
+            resumed = _resumed_field(stored, resume_settings)
+            if resumed is not None:
+                field, seconds, peak_mb = resumed
+            else:
+                t0 = time.perf_counter()
+                with PeakMemory() as memory:
+                    field = runner.field(method, sessions[ref], sessions[i], grid, cfg)
+                seconds, peak_mb = time.perf_counter() - t0, memory.peak_mb
+                if stored is not None and seconds >= resume_min_seconds:
+                    _store_field(stored, resume_settings, field, seconds, peak_mb)
             disp = torch.from_numpy(displacement_lps_to_voxels(field, grid))[None]
             (fct, fsp), (mct, msp) = images[ref], images[i]
             row = {"dataset": dataset, "patient": patient, "moving_h": h, "method": method, "seconds": seconds,
-                   "peak_memory_mb": memory.peak_mb,
+                   "peak_memory_mb": peak_mb, "resumed": resumed is not None,
                    **registration_metrics(fct, warp(mct, disp), fsp, warp(msp, disp), disp)}
             field_spect = resample_field(field, grid, ref_g)
             if series.labels_session_spect:
@@ -173,8 +206,8 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                 figure["warped"][method], figure["fields"][method] = aligned[-1], field_spect
                 vox = torch.from_numpy(displacement_lps_to_voxels(field_spect, ref_g))
                 figure["jacobians"][method] = jacobian_determinant(vox)[0].numpy()
-            log(f"{dataset} {patient} {h:g} h {method}: {seconds:.1f} s, SPECT error body "
-                f"{row['spect_error_body_mean_mm']:.2f} mm, LNCC {row['spect_lncc']:.4f}")
+            log(f"{dataset} {patient} {h:g} h {method}: {seconds:.1f} s{' (resumed)' if resumed else ''}, "
+                f"SPECT error body {row['spect_error_body_mean_mm']:.2f} mm, LNCC {row['spect_lncc']:.4f}")
         outputs = compute_tia_outputs(aligned, series.config.times_h, ref_g, segments, ref_g)
         for name, r in tia_truth_comparison(outputs, series).items():
             tia_rows.append({"dataset": dataset, "patient": patient, "method": method, "voi": name, **r})
@@ -285,13 +318,28 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
     return "\n".join(lines)
 
 
+def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) -> str | None:
+    """What a stored field depends on besides its series (JSON), or None where a model is not a file
+    (in memory: nothing identifies it, so nothing is stored)."""
+    import json
+    from .network.checkpoint import file_sha256
+    if not all(Path(m.source).is_file() for m in runner.models.values()):
+        return None
+    return json.dumps({"preset": preset, "elastix_iterations": runner.elastix_iterations,
+                       "elastix_resolutions": runner.elastix_resolutions,
+                       "refine_iterations": runner.refine_iterations, "device": runner.device,
+                       "models": {k: file_sha256(m.source) for k, m in sorted(runner.models.items())},
+                       "preprocess": cfg.to_dict()}, sort_keys=True)
+
+
 def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocols=None, models=None,
                    preset: str = "clinical", elastix_iterations: int = 1000, refine_iterations: int = 20,
-                   methods=None, device: str = "auto", log=print) -> dict:
-    """The whole comparison; writes report.md, pairs.csv, tia.csv and report.json into ``out_dir``."""
+                   methods=None, device: str = "auto", log=print, resume: bool = True) -> dict:
+    """The whole comparison; writes report.md, pairs.csv, tia.csv and report.json into ``out_dir``.
+    ``resume``: slow fields (Elastix) are kept in ``out_dir/resume/`` and reused by a run with the same
+    settings, so the full run can be continued after an interruption."""
     import csv
     import json
-    from pathlib import Path
 
     from .simulation import SimulationConfig, simulate_series
 
@@ -309,14 +357,17 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
     datasets = [("simulated (held out)", "procedural", s) for s in seeds]
     if patient15:
         datasets.append(("patient15 anatomy (external)", "patient15", 0))
+    settings = resume_settings(runner, preset, cfg) if resume else None
     pair_rows, tia_rows, figures = [], [], []
     for proto_name, times in protocols.items():
         for dataset, anatomy, seed in datasets:
             series = simulate_series(SimulationConfig.preset(preset, seed=int(seed), anatomy=anatomy, times_h=times))
             name = f"{dataset}, {proto_name}"
             slug = "".join(c if c.isalnum() else "_" for c in f"{anatomy}_{seed}_{len(times)}tp")
+            resume_dir = out / "resume" / (slug + "_" + "_".join(f"{t:g}" for t in times)) if settings else None
             p, t = evaluate_series(series, runner, methods, cfg, name, log=log,
-                                   figure_path=out / f"figure_{slug}.png")
+                                   figure_path=out / f"figure_{slug}.png", resume_dir=resume_dir,
+                                   resume_settings=settings or "")
             figures.append(f"![{name}](figure_{slug}.png)")
             pair_rows += p
             tia_rows += t
@@ -325,7 +376,13 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
               f"{' + patient15' if patient15 else ''}; preset {preset}; Elastix {elastix_iterations} iterations; "
               f"refinement {refine_iterations} iterations; torch {torch.__version__}, {torch.get_num_threads()} threads.",
               "", summarise(pair_rows, tia_rows, methods),
-              f"Wall time {time.perf_counter() - t_start:.0f} s.", "", "## Figures", "", *figures]
+              f"Wall time {time.perf_counter() - t_start:.0f} s.", ""]
+    n_resumed = sum(bool(r["resumed"]) for r in pair_rows)
+    if n_resumed:
+        report += [f"{n_resumed} of {len(pair_rows)} method × pair results (field, seconds, peak memory) were measured "
+                   f"by an earlier, interrupted run with the same settings and read from `{out / 'resume'}`; "
+                   f"the wall time above does not include them.", ""]
+    report += ["## Figures", "", *figures]
     (out / "report.md").write_text("\n".join(report) + "\n")
     for name, rows in (("pairs.csv", pair_rows), ("tia.csv", tia_rows)):
         keys = list(dict.fromkeys(k for r in rows for k in r))
