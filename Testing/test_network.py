@@ -209,3 +209,40 @@ def test_checkpoint_round_trip_half_precision_and_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_fov_masked_loss_does_not_reward_stretching_a_cut_face():
+    """Fixed and moving show the same body (no motion), but the moving scan's field of view stops 8
+    slices earlier (beyond it: air fill). Unmasked, a field that stretches the moving body over the
+    gap scores better than the true zero field; inside both fields of view (overlap_mask) it does not."""
+    from CoRXRegistrationLib.network.losses import mse, overlap_mask
+    z = torch.arange(48, dtype=torch.float32).view(1, 1, 48, 1, 1).expand(1, 1, 48, 16, 16)
+    body = (0.6 + 0.2 * torch.sin(z / 10.0)) * (z < 44)           # body down to slice 43, slow texture
+    fixed_fov, moving_fov = (z < 44).float(), (z < 36).float()
+    fixed, moving = body * fixed_fov, body * moving_fov               # outside its field of view: air (0)
+    zero = torch.zeros(1, 3, 48, 16, 16)
+    stretch = zero.clone()
+    stretch[:, 0] = z[:, 0] * (35.0 / 43.0) - z[:, 0]                 # samples slice 35/43 z: stretches over the gap
+    for u in (zero, stretch):
+        assert float(overlap_mask(fixed_fov, moving_fov, u).sum()) > 0
+    unmasked = {n: float(mse(fixed, warp(moving, u))) for n, u in (("zero", zero), ("stretch", stretch))}
+    masked = {n: float(mse(fixed, warp(moving, u), overlap_mask(fixed_fov, moving_fov, u)))
+              for n, u in (("zero", zero), ("stretch", stretch))}
+    assert unmasked["stretch"] < unmasked["zero"]                    # the v1 loss rewards the stretch
+    assert masked["zero"] == pytest.approx(0.0, abs=1e-10) and masked["stretch"] > 1e-3
+    # the mask is not differentiated: no gradient reaches the field through it
+    u = stretch.clone().requires_grad_(True)
+    assert not overlap_mask(fixed_fov, moving_fov, u).requires_grad
+
+
+def test_masked_loss_terms_average_over_the_mask_only():
+    rng = np.random.default_rng(2)
+    t = [torch.from_numpy(rng.random((1, 1, 12, 12, 12)).astype(np.float32)) for _ in range(4)]
+    u = torch.zeros(1, 3, 12, 12, 12)
+    mask = torch.zeros(1, 1, 12, 12, 12)
+    mask[..., 2:9, :, 3:] = 1.0
+    total, parts = registration_loss(t[0], t[1], t[2], t[3], u, mask=mask)
+    inside = mask[0, 0].bool()
+    assert parts["ct_mse"] == pytest.approx(float(((t[0] - t[1])[0, 0][inside] ** 2).mean()), rel=1e-5)
+    assert parts["spect_lncc"] == pytest.approx(-float(local_cc_squared(t[2], t[3])[0, 0][inside].mean()), rel=1e-5)
+    assert parts["regularisation"] == pytest.approx(float(diffusion(u)))

@@ -70,6 +70,35 @@ def test_packed_patient_round_trips_weights_only(data_dir):
     assert torch.all(p["truth_displacement"][p["reference_index"]] == 0)
 
 
+def test_field_of_view_is_where_both_scans_hold_data(packed):
+    from CoRXRegistrationLib.geometry import Geometry
+    from CoRXRegistrationLib.preprocess import SpectCt, field_of_view
+    grid = Geometry((10, 8, 8), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    ct_geometry = Geometry((20, 16, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 6.0))        # starts 6 mm up (k = 1.5)
+    spect_geometry = Geometry((5, 8, 8), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))       # ends at k = 4
+    session = SpectCt(np.zeros(ct_geometry.shape, np.int16), ct_geometry, np.zeros(spect_geometry.shape, np.float32),
+                      spect_geometry)
+    fov = field_of_view(session, grid)
+    # CT centres reach z = 6 + 19*2 = 44 mm (grid k <= 11 -> all of 0..9); SPECT to z = 16 mm (k <= 4);
+    # CT starts at z = 6 mm (k >= 1.5); x, y: CT to 30 mm (i, j <= 7), SPECT to 28 mm (i, j <= 7)
+    expected = np.zeros(grid.shape, bool)
+    expected[2:5] = True
+    assert np.array_equal(fov, expected)
+    assert packed["field_of_view"].shape == packed["ct"].shape and packed["field_of_view"].dtype == torch.uint8
+    assert int(packed["field_of_view"].sum()) > 0
+
+
+def test_masked_training_refuses_data_packed_without_fields_of_view(data_dir, tmp_path):
+    from CoRXRegistrationLib.training.data import session_field_of_view
+    old = {k: v for k, v in load_patient(data_dir / "sim-0011.pt").items() if k != "field_of_view"}
+    with pytest.raises(ValueError, match="prepare-data again"):
+        session_field_of_view(old, 0)
+    common = dict(data=str(data_dir), network="corx-tiny", epochs=1, val_patients=1, seed=3, checkpoint_every=100)
+    train(TrainConfig(out=str(tmp_path / "r"), max_steps=1, loss_mask="none", **common), log=lambda *a: None)
+    with pytest.raises(ValueError, match="loss-mask none"):             # no silent switch of the loss on resume
+        train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, loss_mask="fov", **common), log=lambda *a: None)
+
+
 def test_augmentation_applies_the_same_transform_to_every_image():
     x = torch.rand(1, 1, 16, 16, 16)
     out = apply_augmentation([x, x.clone()], {"flip_lr": True, "rotation_deg": 4.0})

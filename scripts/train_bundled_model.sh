@@ -9,6 +9,7 @@
 #   cp training_checkpoints/corx-cpu-rigid/*.pt "$RUN2/"
 set -euo pipefail
 export NETWORK=corx-cpu
+export LOSS_MASK=${LOSS_MASK:-none}      # v1 was trained before the field-of-view mask existed
 export RUN1=${RUN1:-output/training/corx-cpu}
 export RUN2=${RUN2:-output/training/corx-cpu-rigid}
 export EXPORT=${EXPORT:-CoRXRegistration/Resources/Models/corx-bundled.pt}

@@ -8,6 +8,8 @@
 #   RUN2     stage 2: the same weights fine-tuned behind the rigid CT-CT pre-alignment,
 #            diffeomorphic, 2 epochs = 624 steps; best.pt is the epoch with the lowest validation loss
 #   EXPORT   the exported model (default: output/models/NETWORK.pt)
+#   LOSS_MASK fov (default): the image terms of the loss count only inside both scans' fields of view;
+#            none: everywhere, as the bundled v1 and the committed transmorph-cpu were trained
 # Committed checkpoints (training_checkpoints/NETWORK/best.pt = end of stage 1,
 # training_checkpoints/NETWORK-rigid/best.pt = end of stage 2; the exported comparison models in
 # training_checkpoints/models/) exist for corx-cpu and transmorph-cpu.
@@ -19,14 +21,15 @@ DATA=${DATA:-output/training/data}
 RUN1=${RUN1:-output/training/$NETWORK}
 RUN2=${RUN2:-output/training/$NETWORK-rigid}
 EXPORT=${EXPORT:-output/models/$NETWORK.pt}
+LOSS_MASK=${LOSS_MASK:-fov}
 
 $CORX prepare-data --simulate 28 --first-seed 100 --preset clinical --out "$DATA"
 if [ ! -f "$RUN1/best.pt" ]; then
   $CORX train --data "$DATA" --out "$RUN1" --network "$NETWORK" --prealign none --epochs 2 --lr 2e-3 \
-      --val-patients 2 --seed 0 --checkpoint-every 25
+      --val-patients 2 --seed 0 --checkpoint-every 25 --loss-mask "$LOSS_MASK"
 fi
 $CORX train --data "$DATA" --out "$RUN2" --network "$NETWORK" --network-overrides '{"diffeomorphic": true}' \
     --prealign rigid --init "$RUN1/best.pt" --epochs 2 --lr 1e-3 --val-patients 2 --seed 0 \
-    --checkpoint-every 25
+    --checkpoint-every 25 --loss-mask "$LOSS_MASK"
 mkdir -p "$(dirname "$EXPORT")"
 $CORX export-model --checkpoint "$RUN2/best.pt" --run "$RUN2" --out "$EXPORT"

@@ -130,7 +130,7 @@ def _cmd_train(args) -> int:
                       augment=not args.no_augment, checkpoint_every=args.checkpoint_every,
                       max_minutes=args.max_minutes, max_steps=args.max_steps,
                       lambda_spect=args.lambda_spect, lambda_reg=args.lambda_reg, prealign=args.prealign,
-                      init=args.init)
+                      init=args.init, loss_mask=args.loss_mask)
     result = train(cfg, resume=not args.restart, progress=TerminalProgress("train"))
     print(f"stopped: {result['stopped']} at step {result['step']}; checkpoint {result['checkpoint']}")
     return 0
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prealign", choices=["rigid", "none"], default="rigid",
                     help="rigid CT-CT fit before the network (stored in the model and used again at inference)")
     tr.add_argument("--init", help="start from this model's weights (fine-tuning), e.g. the bundled model")
+    tr.add_argument("--loss-mask", choices=["fov", "none"], default="fov",
+                    help="fov: the image terms count only where both scans hold data (not their cut faces); "
+                         "none: everywhere, as the bundled v1 was trained")
     tr.add_argument("--restart", action="store_true", help="ignore OUT/last.pt")
     tr.set_defaults(func=_cmd_train)
 

@@ -131,6 +131,19 @@ def onto_grid(session: SpectCt, grid: Geometry, cfg: PreprocessConfig) -> tuple:
     return ct, spect
 
 
+def field_of_view(session: SpectCt, grid: Geometry) -> np.ndarray:
+    """Bool (Z, Y, X): voxel centres of ``grid`` inside both the CT and the SPECT volume of ``session``
+    (within their first and last voxel centres). Outside, :func:`onto_grid` fills air and zero activity:
+    a cut face of the scan, not a body edge."""
+    points = grid.lps_grid()
+    inside = np.ones(grid.shape, bool)
+    for geometry in (session.ct_geometry, session.spect_geometry):
+        ijk = geometry.lps_to_index(points)
+        last = np.asarray(geometry.size_xyz, float) - 1.0
+        inside &= np.all((ijk >= -1e-3) & (ijk <= last + 1e-3), axis=-1)
+    return inside
+
+
 def to_network(session: SpectCt, grid: Geometry, cfg: PreprocessConfig) -> tuple:
     """(CT, SPECT) of one session on the network grid, normalised as the network expects."""
     ct, spect = onto_grid(session, grid, cfg)

@@ -3,7 +3,7 @@ weights-only ``.pt`` file, so training never touches native volumes again.
 
 A patient file holds (float16 unless noted): ``ct`` (T, Z, Y, X) normalised CT; ``spect_unit``
 (T, Z, Y, X) SPECT divided by its maximum (float16 cannot hold Bq/mL); ``spect_max_bq_ml`` (T,);
-``hours``; ``grid`` (geometry dict); ``preprocess`` (dict); for simulated series also
+``field_of_view`` (uint8 (T, Z, Y, X), 1 inside both scans; files packed before it lack it); ``hours``; ``grid`` (geometry dict); ``preprocess`` (dict); for simulated series also
 ``truth_displacement`` (T, 3, Z, Y, X) network voxels from the reference to each time point and
 ``labels`` (uint8, tissue labels on the network grid).
 """
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..geometry import Geometry, displacement_lps_to_voxels
-from ..preprocess import PreprocessConfig, network_grid, normalise_ct, normalise_spect, onto_grid
+from ..preprocess import (PreprocessConfig, field_of_view, network_grid, normalise_ct, normalise_spect,
+                          onto_grid)
 from ..resample import resample, resample_field
 
 FORMAT = "corx-training-patient/1"
@@ -27,17 +28,18 @@ def pack_patient(patient_id: str, sessions: list, hours: list, reference_index: 
     """Resample a series onto the reference session's network grid and pack it (see module doc).
     truth_fields: time index -> (Z, Y, X, 3) LPS-mm field on ``truth_geometry`` (reference -> index)."""
     grid = network_grid(sessions[reference_index], cfg)
-    cts, spects, maxima = [], [], []
+    cts, spects, maxima, fovs = [], [], [], []
     for s in sessions:
         ct, spect = onto_grid(s, grid, cfg)
         peak = float(spect.max())
         cts.append(torch.from_numpy(normalise_ct(ct, cfg)).half())
         spects.append(torch.from_numpy(spect / peak).half())
         maxima.append(peak)
+        fovs.append(torch.from_numpy(field_of_view(s, grid).astype(np.uint8)))
     packed = {"format": FORMAT, "patient_id": patient_id, "hours": [float(h) for h in hours],
               "reference_index": int(reference_index), "grid": grid.to_dict(), "preprocess": cfg.to_dict(),
               "ct": torch.stack(cts), "spect_unit": torch.stack(spects),
-              "spect_max_bq_ml": torch.tensor(maxima, dtype=torch.float64)}
+              "spect_max_bq_ml": torch.tensor(maxima, dtype=torch.float64), "field_of_view": torch.stack(fovs)}
     if truth_fields is not None:
         disp = torch.zeros((len(sessions), 3) + grid.shape, dtype=torch.float16)
         for i, f in truth_fields.items():
@@ -77,6 +79,14 @@ def session_tensors(patient: dict, index: int, cfg: PreprocessConfig) -> tuple:
     ct = patient["ct"][index].float()[None, None]
     spect = normalise_spect(patient["spect_unit"][index].float().numpy(), cfg)
     return ct, torch.from_numpy(spect)[None, None]
+
+
+def session_field_of_view(patient: dict, index: int) -> torch.Tensor:
+    """(1, 1, Z, Y, X) float32, 1 inside the time point's CT and SPECT fields of view."""
+    if "field_of_view" not in patient:
+        raise ValueError(f"{patient.get('patient_id', 'patient')}: packed before fields of view were stored; "
+                         f"run prepare-data again into a new folder (or train with --loss-mask none)")
+    return patient["field_of_view"][index].float()[None, None]
 
 
 def ordered_pairs(n_points: int) -> list:

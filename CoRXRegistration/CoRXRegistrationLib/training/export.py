@@ -14,7 +14,7 @@ import torch
 from ..network.checkpoint import file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from ..network.networks import count_parameters
 
-RECIPE = "NETWORK={network} scripts/train_model.sh"   # scripts/train_bundled_model.sh for corx-cpu
+RECIPE = "NETWORK={network} LOSS_MASK={loss_mask} scripts/train_model.sh"   # scripts/train_bundled_model.sh for corx-cpu
 LIMITS = [
     "Trained on simulated procedural anatomies only (177Lu-DOTATATE kinetics, 4-120 h); real patient "
     "data may differ (scatter, attenuation artefacts, metal, truncated fields of view).",
@@ -54,7 +54,8 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
         "parameters": count_parameters(network),
         "preprocess": payload["preprocess"],
         "training": {
-            "recipe": RECIPE.format(network=network.config.name),
+            "recipe": RECIPE.format(network=network.config.name,
+                                    loss_mask=meta.get("train_config", {}).get("loss_mask", "none")),
             "train_config": meta.get("train_config", {}),
             "selected_epoch": meta.get("epoch"),
             "selected_step": step,
@@ -64,7 +65,7 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
                         f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU",
             "data": "simulated procedural patients (corx simulate, clinical preset), seeds 100-127; "
                     "the 2 highest seeds are the validation split; never patient15, never seeds >= 5000",
-            "loss": "MSE(CT) + 0.1 LNCC(SPECT, 9^3) + 8e-4 diffusion (paper Eq. 2-5)",
+            "loss": loss_description(meta.get("train_config", {})),
             "history": history,
             "initialised_from": initialised_from,
         },
@@ -74,6 +75,14 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
     out.with_suffix(".md").write_text(model_card_markdown(card))
     return card
+
+
+def loss_description(train_config: dict) -> str:
+    """The loss a run used, from its stored training configuration (older runs: no mask)."""
+    tc = {"lambda_spect": 0.1, "lambda_reg": 8e-4, "loss_mask": "none", **train_config}
+    where = " over the voxels inside both scans' fields of view" if tc["loss_mask"] == "fov" else ""
+    return (f"MSE(CT) + {tc['lambda_spect']:g} LNCC(SPECT, 9^3){where} + {tc['lambda_reg']:g} diffusion "
+            f"(paper Eq. 2-5)")
 
 
 def _status_lines(val: dict, step) -> list:

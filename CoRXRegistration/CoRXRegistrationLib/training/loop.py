@@ -21,14 +21,14 @@ import torch.distributed as dist
 
 from ..network.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..network.config import named_config
-from ..network.losses import LossWeights, registration_loss
+from ..network.losses import LossWeights, overlap_mask, registration_loss
 from ..network.metrics import registration_metrics
 from ..network.networks import build_network, count_parameters
 from ..network.rigid import prealign_moving
 from ..network.transform import compose, warp
 from ..preprocess import METRIC_NORMALISATION, PreprocessConfig, normalise_spect
 from .augment import apply_augmentation, sample_augmentation
-from .data import load_patient, ordered_pairs, session_tensors
+from .data import load_patient, ordered_pairs, session_field_of_view, session_tensors
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrainConfig:
     max_steps: int | None = None
     prealign: str = "rigid"
     init: str | None = None
+    loss_mask: str = "fov"          # "fov": image terms inside both fields of view; "none": everywhere (v1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +63,7 @@ class TrainConfig:
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
         known = {f.name for f in fields(TrainConfig)}
+        d = {"loss_mask": "none", **d}                # stored before the option existed: trained unmasked
         return TrainConfig(**{k: v for k, v in d.items() if k in known})
 
 
@@ -99,13 +101,31 @@ def pair_batch(patient: dict, fixed: int, moving: int, cfg: PreprocessConfig, de
     return [fct, mct, fsp, msp], initial
 
 
+def pair_fields_of_view(patient: dict, fixed: int, moving: int, initial: torch.Tensor, device) -> list:
+    """[fixed field of view, moving field of view resampled through the pre-alignment ``initial``]."""
+    fixed_fov = session_field_of_view(patient, fixed).to(device)
+    moving_fov = warp(session_field_of_view(patient, moving).to(device), initial, padding="zeros")
+    return [fixed_fov, moving_fov]
+
+
+def pair_loss(network, batch: list, fovs: list | None, weights: LossWeights) -> tuple:
+    """(own field, loss, parts) of the network on a pre-aligned batch; ``fovs``: count the image terms
+    only where both scans hold data (:func:`losses.overlap_mask`), None: everywhere."""
+    fct, mct, fsp, msp = batch
+    own = network(fct, mct, fsp, msp)
+    mask = None if fovs is None else overlap_mask(fovs[0], fovs[1], own)
+    loss, parts = registration_loss(fct, warp(mct, own), fsp, warp(msp, own), own, weights, mask)
+    return own, loss, parts
+
+
 def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: PreprocessConfig,
-                  weights: LossWeights, device="cpu") -> dict:
+                  weights: LossWeights, device="cpu", loss_mask: str = "none") -> dict:
     """Loss, the paper's metrics and (where the truth is stored) displacement error in mm for one pair."""
-    (fct, mct_pre, fsp, msp_pre), initial = pair_batch(patient, fixed, moving, cfg, device)
+    batch, initial = pair_batch(patient, fixed, moving, cfg, device)
+    fct = batch[0]
+    fovs = pair_fields_of_view(patient, fixed, moving, initial, device) if loss_mask == "fov" else None
     with torch.no_grad():
-        own = network(fct, mct_pre, fsp, msp_pre)
-        loss, parts = registration_loss(fct, warp(mct_pre, own), fsp, warp(msp_pre, own), own, weights)
+        own, loss, parts = pair_loss(network, batch, fovs, weights)
         disp = compose(own, initial)
         mct = session_tensors(patient, moving, cfg)[0].to(device)
         unit = [torch.from_numpy(normalise_spect(patient["spect_unit"][i].float().numpy(),
@@ -129,14 +149,15 @@ def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: Preproce
 
 
 def validate(network, files: list, cache: PatientCache, cfg: PreprocessConfig, weights: LossWeights,
-             device="cpu") -> dict:
+             device="cpu", loss_mask: str = "none") -> dict:
     """Mean of :func:`evaluate_pair` over the reference-fixed pairs of every validation patient."""
     network.eval()
     rows = []
     for f in files:
         p = cache(f)
         ref = p["reference_index"]
-        rows += [evaluate_pair(network, p, ref, m, cfg, weights, device) for m in range(len(p["hours"])) if m != ref]
+        rows += [evaluate_pair(network, p, ref, m, cfg, weights, device, loss_mask)
+                 for m in range(len(p["hours"])) if m != ref]
     network.train()
     keys = rows[0].keys()
     return {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
@@ -182,6 +203,10 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         network, _ = load_checkpoint(last_path)
         if payload["config"] != net_cfg.to_dict():
             raise ValueError(f"{last_path} was trained with another network configuration; use a new --out")
+        stored = TrainConfig.from_dict(payload.get("meta", {}).get("train_config", {}))
+        if stored.loss_mask != cfg.loss_mask:
+            raise ValueError(f"{last_path} was trained with --loss-mask {stored.loss_mask}; resume with the same "
+                             f"or use a new --out")
         tr = payload["training"]
         start = {k: tr[k] for k in start}
         opt_state = tr["optimizer"]
@@ -222,14 +247,15 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         running = []
         while position < per_rank:
             fi, f, m = pairs[mine[position]]
-            batch, _ = pair_batch(cache(train_files[fi]), f, m, prep, device)
+            patient = cache(train_files[fi])
+            batch, initial = pair_batch(patient, f, m, prep, device)
+            fovs = pair_fields_of_view(patient, f, m, initial, device) if cfg.loss_mask == "fov" else []
             if cfg.augment:
                 aug = sample_augmentation(np.random.default_rng([cfg.seed, epoch, position, rank]),
                                           cfg.max_rotation_deg)
-                batch = apply_augmentation(batch, aug)
-            fct, mct, fsp, msp = batch
-            disp = model(fct, mct, fsp, msp)
-            loss, parts = registration_loss(fct, warp(mct, disp), fsp, warp(msp, disp), disp, weights)
+                batch = apply_augmentation(batch + fovs, aug)
+                batch, fovs = batch[:4], batch[4:]
+            _, loss, _ = pair_loss(model, batch, fovs or None, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -251,7 +277,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
             if step % cfg.checkpoint_every == 0:
                 save(epoch, position, "periodic")
         if rank == 0:
-            val = validate(network, val_files, cache, prep, weights, device)
+            val = validate(network, val_files, cache, prep, weights, device, cfg.loss_mask)
             entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(running)) if running else None,
                      "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 1),
                      **{f"val_{k}": v for k, v in val.items()}}
