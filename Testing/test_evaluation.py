@@ -7,7 +7,7 @@ import torch
 
 from CoRXRegistrationLib.benchmark import PeakMemory
 from CoRXRegistrationLib.evaluation import (MethodRunner, PAIR_COLUMNS, displacement_error_mm, evaluate_series,
-                                            summarise, warped_label_dice)
+                                            resume_settings, summarise, warped_label_dice)
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
 from CoRXRegistrationLib.preprocess import PreprocessConfig
@@ -54,9 +54,11 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
                           elastix_resolutions=2)
     methods = runner.available()
     assert methods == ["identity", "rigid", "elastix", "elastix-masked", "corx", "corx-refine"]
+    settings = resume_settings(runner, "small", TINY_PREP)
+    assert set(settings) == set(methods)
     pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None,
                                  figure_path=tmp_path / "figure.png", resume_dir=tmp_path / "resume",
-                                 resume_settings="run 1", resume_min_seconds=0.0)
+                                 resume_settings=settings, resume_min_seconds=0.0)
     import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "figure.png").shape[0] > 500
     assert len(pairs) == len(methods)              # one (reference, moving) pair per method
@@ -82,7 +84,8 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     assert "| elastix |" in md and "speed vs Elastix" in md
 
     # an interrupted run continued: stored fields are read back (same rows, no registration run);
-    # other settings, or a stored file cut short, are measured again
+    # other settings for that method, or a stored file cut short, are measured again; another network
+    # model leaves the stored Elastix fields valid
     class CountingRunner(MethodRunner):
         calls = 0
 
@@ -93,15 +96,28 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     again = CountingRunner({"corx": str(model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
                            elastix_resolutions=2)
     resumed, _ = evaluate_series(small_series, again, ["identity", "elastix"], TINY_PREP, "tiny", log=lambda *a: None,
-                                 resume_dir=tmp_path / "resume", resume_settings="run 1")
+                                 resume_dir=tmp_path / "resume", resume_settings=settings)
     assert CountingRunner.calls == 0 and all(r["resumed"] for r in resumed)
     for r in resumed:
         first = next(p for p in pairs if p["method"] == r["method"])
         assert {k: v for k, v in r.items() if k != "resumed"} == {k: v for k, v in first.items() if k != "resumed"}
     (tmp_path / "resume" / "identity_48h.npz").write_bytes(b"cut short")
     cut, _ = evaluate_series(small_series, again, ["identity"], TINY_PREP, "tiny", log=lambda *a: None,
-                             resume_dir=tmp_path / "resume", resume_settings="run 1")
+                             resume_dir=tmp_path / "resume", resume_settings=settings)
     assert CountingRunner.calls == 1 and not cut[0]["resumed"]
-    other, _ = evaluate_series(small_series, again, ["elastix"], TINY_PREP, "tiny", log=lambda *a: None,
-                               resume_dir=tmp_path / "resume", resume_settings="run 2")
-    assert CountingRunner.calls == 2 and not other[0]["resumed"]
+    torch.manual_seed(1)
+    other_model = save_checkpoint(tmp_path / "other.pt", build_network(named_config("corx-tiny", image_size=(32, 32, 32))),
+                                  TINY_PREP.to_dict())
+    new_model = CountingRunner({"corx": str(other_model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
+                               elastix_resolutions=2)
+    new_settings = resume_settings(new_model, "small", TINY_PREP)
+    assert new_settings["elastix"] == settings["elastix"] and new_settings["corx"] != settings["corx"]
+    rows, _ = evaluate_series(small_series, new_model, ["elastix", "corx"], TINY_PREP, "tiny", log=lambda *a: None,
+                              resume_dir=tmp_path / "resume", resume_settings=new_settings)
+    assert CountingRunner.calls == 2 and [r["resumed"] for r in rows] == [True, False]
+    more_iterations = CountingRunner({"corx": str(model)}, elastix_iterations=30, refine_iterations=2, device="cpu",
+                                     elastix_resolutions=2)
+    other, _ = evaluate_series(small_series, more_iterations, ["elastix"], TINY_PREP, "tiny", log=lambda *a: None,
+                               resume_dir=tmp_path / "resume",
+                               resume_settings=resume_settings(more_iterations, "small", TINY_PREP))
+    assert CountingRunner.calls == 3 and not other[0]["resumed"]

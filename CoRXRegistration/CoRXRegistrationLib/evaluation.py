@@ -145,13 +145,14 @@ def _store_field(path, settings: str, field: np.ndarray, seconds: float, peak_mb
 
 
 def evaluate_series(series, runner: MethodRunner, methods: list, cfg: PreprocessConfig, dataset: str,
-                    log=print, figure_path=None, resume_dir=None, resume_settings: str = "",
+                    log=print, figure_path=None, resume_dir=None, resume_settings: dict | None = None,
                     resume_min_seconds: float = 30.0) -> tuple:
     """Register every moving time point to the reference with every method; returns (pair rows, TIA rows).
     With ``figure_path``, draws the last moving time point for every method (:func:`figures.save_methods_figure`).
     With ``resume_dir``, a field that took at least ``resume_min_seconds`` is stored there with its seconds
-    and peak memory, and read back instead of recomputed by a later run with the same ``resume_settings``
-    (the row then has ``resumed`` True), so a long run can be interrupted and continued."""
+    and peak memory, and read back instead of recomputed by a later run with the same settings for that
+    method (``resume_settings``: method -> string, see :func:`resume_settings`; a method without one is
+    neither stored nor read; the row then has ``resumed`` True), so a long run can be interrupted and continued."""
     from TIAMappingLib.pipeline import compute_tia_outputs
 
     sessions = series.sessions()
@@ -171,8 +172,9 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
             if i == ref:
                 aligned.append(series.spect[i])
                 continue
-            stored = None if resume_dir is None else Path(resume_dir) / f"{method}_{h:g}h.npz"
-            resumed = _resumed_field(stored, resume_settings)
+            settings = (resume_settings or {}).get(method)
+            stored = None if resume_dir is None or settings is None else Path(resume_dir) / f"{method}_{h:g}h.npz"
+            resumed = _resumed_field(stored, settings)
             if resumed is not None:
                 field, seconds, peak_mb = resumed
             else:
@@ -181,7 +183,7 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                     field = runner.field(method, sessions[ref], sessions[i], grid, cfg)
                 seconds, peak_mb = time.perf_counter() - t0, memory.peak_mb
                 if stored is not None and seconds >= resume_min_seconds:
-                    _store_field(stored, resume_settings, field, seconds, peak_mb)
+                    _store_field(stored, settings, field, seconds, peak_mb)
             disp = torch.from_numpy(displacement_lps_to_voxels(field, grid))[None]
             (fct, fsp), (mct, msp) = images[ref], images[i]
             row = {"dataset": dataset, "patient": patient, "moving_h": h, "method": method, "seconds": seconds,
@@ -318,18 +320,28 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
     return "\n".join(lines)
 
 
-def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) -> str | None:
-    """What a stored field depends on besides its series (JSON), or None where a model is not a file
-    (in memory: nothing identifies it, so nothing is stored)."""
+def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) -> dict:
+    """Per method, what its stored field depends on besides its series (JSON): Elastix's on its
+    iterations and resolutions, a network's on its model file's hash (and the refinement's iterations),
+    so a new bundled model does not discard hours of stored Elastix fields. A method whose model is not
+    a file (in memory: nothing identifies it) has no entry, so nothing of it is stored."""
     import json
     from .network.checkpoint import file_sha256
-    if not all(Path(m.source).is_file() for m in runner.models.values()):
-        return None
-    return json.dumps({"preset": preset, "elastix_iterations": runner.elastix_iterations,
-                       "elastix_resolutions": runner.elastix_resolutions,
-                       "refine_iterations": runner.refine_iterations, "device": runner.device,
-                       "models": {k: file_sha256(m.source) for k, m in sorted(runner.models.items())},
-                       "preprocess": cfg.to_dict()}, sort_keys=True)
+    common = {"preset": preset, "preprocess": cfg.to_dict()}
+    out = {}
+    for method in runner.available():
+        own = {}
+        if method in ("elastix", "elastix-masked"):
+            own = {"elastix_iterations": runner.elastix_iterations, "elastix_resolutions": runner.elastix_resolutions}
+        elif method in ("transmorph", "corx-nocs", "corx", "corx-refine"):
+            source = runner.models["corx" if method == "corx-refine" else method].source
+            if not Path(source).is_file():
+                continue
+            own = {"model_sha256": file_sha256(source), "device": runner.device}
+            if method == "corx-refine":
+                own["refine_iterations"] = runner.refine_iterations
+        out[method] = json.dumps({"method": method, **common, **own}, sort_keys=True)
+    return out
 
 
 def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocols=None, models=None,
@@ -367,7 +379,7 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
             resume_dir = out / "resume" / (slug + "_" + "_".join(f"{t:g}" for t in times)) if settings else None
             p, t = evaluate_series(series, runner, methods, cfg, name, log=log,
                                    figure_path=out / f"figure_{slug}.png", resume_dir=resume_dir,
-                                   resume_settings=settings or "")
+                                   resume_settings=settings)
             figures.append(f"![{name}](figure_{slug}.png)")
             pair_rows += p
             tia_rows += t
