@@ -17,7 +17,10 @@ from .progress import TerminalProgress
 
 # TransMorph trained by the same recipe (NETWORK=transmorph-cpu scripts/train_model.sh); only in a source
 # checkout, not part of the Slicer extension.
-COMPARISON_TRANSMORPH = Path(__file__).resolve().parents[2] / "training_checkpoints" / "models" / "transmorph-cpu.pt"
+# the comparison rows of `corx evaluate`, trained by the bundled model's recipe (committed in a source checkout)
+COMPARISON_MODELS = Path(__file__).resolve().parents[2] / "training_checkpoints" / "models"
+COMPARISON_TRANSMORPH = COMPARISON_MODELS / "transmorph-cpu.pt"
+COMPARISON_CORX_NOCS = COMPARISON_MODELS / "corx-cpu-nocs.pt"
 
 
 def _cmd_simulate(args) -> int:
@@ -151,8 +154,9 @@ def _cmd_evaluate(args) -> int:
     transmorph = args.transmorph or (COMPARISON_TRANSMORPH if COMPARISON_TRANSMORPH.is_file() else None)
     if transmorph:
         models["transmorph"] = str(transmorph)
-    if args.corx_nocs:
-        models["corx-nocs"] = args.corx_nocs
+    corx_nocs = args.corx_nocs or (COMPARISON_CORX_NOCS if COMPARISON_CORX_NOCS.is_file() else None)
+    if corx_nocs:
+        models["corx-nocs"] = str(corx_nocs)
     if args.quick:
         result = run_evaluation(args.out, seeds=args.seeds[:1], patient15=False,
                                 protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,
@@ -288,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="bundled", help="the CoRX checkpoint")
     ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way (default: the committed "
                                          "training_checkpoints/models/transmorph-cpu.pt of a source checkout)")
-    ev.add_argument("--corx-nocs", help="a CoRX-without-cross-stitch checkpoint")
+    ev.add_argument("--corx-nocs", help="a CoRX-without-cross-stitch checkpoint trained the same way (default: the "
+                                        "committed training_checkpoints/models/corx-cpu-nocs.pt when present)")
     ev.add_argument("--elastix-iterations", type=int, default=1000)
     ev.add_argument("--refine", type=int, default=20, help="refinement iterations of the corx-refine method")
     ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
