@@ -71,6 +71,12 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
         truth = np.linalg.norm(small_series.truth_field_spect[i], axis=-1)[small_series.labels_spect > 0]
         assert r["spect_error_body_mean_mm"] == pytest.approx(truth.mean(), rel=1e-4)
         assert r["jacobian_nonpositive_percent"] == 0.0
+        motion = np.linalg.norm(small_series.truth_field_spect[i], axis=-1)
+        for name, codes in small_series.phantom.voi_labels().items():   # per VOI, the same on its own voxels
+            voi = np.isin(small_series.labels_spect, codes)
+            if voi.any():
+                assert r[f"spect_error_voi_{name}_mean_mm"] == pytest.approx(motion[voi].mean(), rel=1e-4)
+    assert all(np.isfinite(v) for r in pairs for k, v in r.items() if k.startswith("spect_error_voi_"))
     i = 1
     true_dice = warped_label_dice(small_series, i, small_series.truth_field_spect[i])
     none_dice = warped_label_dice(small_series, i, np.zeros_like(small_series.truth_field_spect[i]))
@@ -82,6 +88,9 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     assert all(np.isfinite(r["median_abs_voxel_error_pct_vs_psf_truth"]) for r in tia)
     md = summarise(pairs, tia, methods)
     assert "| elastix |" in md and "speed vs Elastix" in md
+    per_voi = md[md.index("SPECT-field error per VOI class"):].splitlines()
+    assert per_voi[2].startswith("| method | kidneys | liver | spleen |") and "tumours" in per_voi[2]
+    assert len([line for line in per_voi[4:4 + len(methods)] if line.startswith("| ")]) == len(methods)
 
     # an interrupted run continued: stored fields are read back (same rows, no registration run);
     # other settings for that method, or a stored file cut short, are measured again; another network

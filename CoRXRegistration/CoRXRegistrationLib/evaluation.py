@@ -201,6 +201,10 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                     e = displacement_error_mm(field_spect, truth, mask)
                     row[f"{truth_name}_error_{mask_name}_mean_mm"] = e["mean_mm"]
                     row[f"{truth_name}_error_{mask_name}_p95_mm"] = e["p95_mm"]
+            for name, mask in segments.items():      # per VOI: where a method gains or loses against rigid
+                if mask.any():
+                    row[f"{VOI_ERROR}{name}_mean_mm"] = displacement_error_mm(
+                        field_spect, series.truth_field_spect[i], mask)["mean_mm"]
             pair_rows.append(row)
             aligned.append(resample(np.clip(series.spect[i], 0, None), series.spect_geometry[i], ref_g,
                                     displacement=field_spect))
@@ -276,9 +280,28 @@ def _mean_sd(values) -> str:
     return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if v.size > 1 else f"{v.mean():.4g}"
 
 
+VOI_ERROR = "spect_error_voi_"       # pair-row keys VOI_ERROR + <voi> + "_mean_mm"
+
+
+def _class_error(row: dict, names: list):
+    """Mean of the row's per-VOI SPECT-field errors (mm) over ``names``; None where it has none."""
+    values = [row[f"{VOI_ERROR}{n}_mean_mm"] for n in names if f"{VOI_ERROR}{n}_mean_mm" in row]
+    return float(np.mean(values)) if values else None
+
+
+def _voi_groups(vois) -> dict:
+    """VOI names by the classes the tables report (kidneys, liver, spleen, bladder, tumours); empty classes dropped."""
+    vois = sorted(vois)
+    groups = {"kidneys": [v for v in vois if v.startswith("kidney")], "liver": [v for v in vois if v == "liver"],
+              "spleen": [v for v in vois if v == "spleen"], "bladder": [v for v in vois if v == "bladder"],
+              "tumours": [v for v in vois if v.startswith("tumour")]}
+    return {k: v for k, v in groups.items() if v}
+
+
 def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
     """Markdown: per dataset, the paper's Table 2 columns plus truth errors (mean ± SD over pairs),
-    speed relative to Elastix, and the TIA table (median voxel error and VOI TIA error per VOI class)."""
+    speed relative to Elastix, the SPECT-field error per VOI class, and the TIA table (median voxel
+    error and VOI TIA error per VOI class)."""
     lines = []
     for dataset in dict.fromkeys(r["dataset"] for r in pair_rows):
         rows = [r for r in pair_rows if r["dataset"] == dataset]
@@ -297,12 +320,19 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
             lines.append(f"| {m} | " + " | ".join(_mean_sd([r.get(k) for r in mine]) for k, _ in PAIR_COLUMNS)
                          + f" | {speed} |")
         lines.append("")
+        groups = _voi_groups({k[len(VOI_ERROR):-len("_mean_mm")] for r in rows for k in r if k.startswith(VOI_ERROR)})
+        if groups:
+            lines += ["SPECT-field error per VOI class (mm; per pair, the mean of the class's VOI means):", "",
+                      "| method | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+            for m in methods:
+                mine = [r for r in rows if r["method"] == m]
+                if mine:
+                    lines.append(f"| {m} | " + " | ".join(_mean_sd([_class_error(r, names) for r in mine])
+                                                          for names in groups.values()) + " |")
+            lines.append("")
         trows = [r for r in tia_rows if r["dataset"] == dataset]
         if trows:
-            vois = sorted({r["voi"] for r in trows})
-            groups = {"kidneys": [v for v in vois if v.startswith("kidney")], "liver": [v for v in vois if v == "liver"],
-                      "spleen": [v for v in vois if v == "spleen"], "tumours": [v for v in vois if v.startswith("tumour")]}
-            groups = {k: v for k, v in groups.items() if v}
+            groups = _voi_groups({r["voi"] for r in trows})
             lines += ["| method | " + " | ".join(f"{g}: voxel err % / VOI err %" for g in groups) + " |",
                       "|---|" + "---:|" * len(groups)]
             for m in methods:
