@@ -15,9 +15,8 @@ from .geometry import GeometryError
 from .imageio import ImageFileError
 from .progress import TerminalProgress
 
-# TransMorph trained by the same recipe (NETWORK=transmorph-cpu scripts/train_model.sh); only in a source
-# checkout, not part of the Slicer extension.
-# the comparison rows of `corx evaluate`, trained by the bundled model's recipe (committed in a source checkout)
+# The comparison rows of `corx evaluate`, trained by the bundled model's recipe (NETWORK=transmorph-cpu or
+# corx-cpu-nocs scripts/train_model.sh); only in a source checkout, not part of the Slicer extension.
 COMPARISON_MODELS = Path(__file__).resolve().parents[2] / "training_checkpoints" / "models"
 COMPARISON_TRANSMORPH = COMPARISON_MODELS / "transmorph-cpu.pt"
 COMPARISON_CORX_NOCS = COMPARISON_MODELS / "corx-cpu-nocs.pt"
