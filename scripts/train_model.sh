@@ -12,7 +12,8 @@
 #            none: everywhere, as the bundled v1 and the committed transmorph-cpu were trained
 # Committed checkpoints (training_checkpoints/NETWORK/best.pt = end of stage 1,
 # training_checkpoints/NETWORK-rigid/best.pt = end of stage 2; the exported comparison models in
-# training_checkpoints/models/) exist for corx-cpu and transmorph-cpu.
+# training_checkpoints/models/) exist for corx-cpu, transmorph-cpu and corx-cpu-nocs (all LOSS_MASK=none);
+# training_checkpoints/models/corx-cpu-v2.* is corx-cpu with LOSS_MASK=fov (measured, not bundled).
 # Never add the patient15 anatomy or the evaluation seeds (>= 5000) or the demo seed (1001) here.
 set -euo pipefail
 CORX=${CORX:-.venv/bin/corx}
