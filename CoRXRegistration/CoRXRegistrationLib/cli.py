@@ -150,12 +150,11 @@ def _cmd_evaluate(args) -> int:
     from .evaluation import run_evaluation
 
     models = {"corx": args.model}
-    transmorph = args.transmorph or (COMPARISON_TRANSMORPH if COMPARISON_TRANSMORPH.is_file() else None)
-    if transmorph:
-        models["transmorph"] = str(transmorph)
-    corx_nocs = args.corx_nocs or (COMPARISON_CORX_NOCS if COMPARISON_CORX_NOCS.is_file() else None)
-    if corx_nocs:
-        models["corx-nocs"] = str(corx_nocs)
+    for method, given, committed in (("transmorph", args.transmorph, COMPARISON_TRANSMORPH),
+                                     ("corx-nocs", args.corx_nocs, COMPARISON_CORX_NOCS)):
+        source = given or (committed if committed.is_file() else None)
+        if source:
+            models[method] = str(source)
     if args.quick:
         result = run_evaluation(args.out, seeds=args.seeds[:1], patient15=False,
                                 protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,

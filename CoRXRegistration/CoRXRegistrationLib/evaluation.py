@@ -29,15 +29,25 @@ from .resample import resample, resample_field
 PAPER_ROW_ORDER = ["identity", "rigid", "elastix", "elastix-masked", "transmorph", "corx-nocs", "corx", "corx-refine"]
 
 
-def displacement_error_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, mask: np.ndarray) -> dict:
-    """Mean and 95th percentile of |u - u_true| (mm) inside ``mask``; both fields on one grid."""
+def displacement_error_map_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray) -> np.ndarray:
+    """|u - u_true| per voxel (mm, float64); both fields on one grid."""
     if field_lps_mm.shape != truth_lps_mm.shape:
         raise ValueError(f"field {field_lps_mm.shape} and truth {truth_lps_mm.shape} are on different grids")
+    return np.linalg.norm(np.asarray(field_lps_mm, np.float64) - truth_lps_mm, axis=-1)
+
+
+def error_statistics_mm(error_map_mm: np.ndarray, mask: np.ndarray) -> dict:
+    """Mean and 95th percentile of an error map (mm) inside ``mask``."""
     m = np.asarray(mask, bool)
     if not m.any():
         raise ValueError("empty mask: no voxels to measure the displacement error in")
-    err = np.linalg.norm(np.asarray(field_lps_mm, np.float64) - truth_lps_mm, axis=-1)[m]
+    err = error_map_mm[m]
     return {"mean_mm": float(err.mean()), "p95_mm": float(np.percentile(err, 95)), "voxels": int(m.sum())}
+
+
+def displacement_error_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, mask: np.ndarray) -> dict:
+    """Mean and 95th percentile of |u - u_true| (mm) inside ``mask``; both fields on one grid."""
+    return error_statistics_mm(displacement_error_map_mm(field_lps_mm, truth_lps_mm), mask)
 
 
 def truth_masks(series) -> dict:
@@ -79,6 +89,11 @@ class MethodRunner:
         self.elastix_iterations, self.refine_iterations, self.device = elastix_iterations, refine_iterations, device
         self.elastix_resolutions = elastix_resolutions
 
+    @staticmethod
+    def model_key(method: str) -> str:
+        """The model a network method runs (corx-refine refines the corx model's field)."""
+        return "corx" if method == "corx-refine" else method
+
     def available(self) -> list:
         out = ["identity", "rigid", "elastix", "elastix-masked"]
         out += [m for m in ("transmorph", "corx-nocs", "corx") if m in self.models]
@@ -109,7 +124,7 @@ class MethodRunner:
             return elastix_register_ct(fixed_ct, moving_ct, grid, iterations=self.elastix_iterations,
                                        resolutions=self.elastix_resolutions, fixed_mask=mask)
         from .engine import register
-        key = "corx" if method == "corx-refine" else method
+        key = self.model_key(method)
         refine = self.refine_iterations if method == "corx-refine" else 0
         result = register(fixed, moving, model=self.models[key], device=self.device, refine_iterations=refine,
                           native_outputs=False, qa_metrics=False)   # metrics are computed alike for every method
@@ -162,6 +177,7 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
     images = [_metric_tensors(s, grid, cfg) for s in sessions]
     masks = truth_masks(series)
     segments = voi_segments(series)
+    present_vois = {name: mask for name, mask in segments.items() if mask.any()}
     patient = f"{series.config.anatomy}-{series.config.seed}"
     pair_rows, tia_rows = [], []
     shown = max(i for i in range(len(sessions)) if i != ref)
@@ -196,15 +212,15 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                                      ("tumours", [n for n in dice if n.startswith("tumour")])):
                     values = [dice[n] for n in names if np.isfinite(dice[n])]
                     row[f"dice_{group}_mean"] = float(np.mean(values)) if values else float("nan")
-            for truth_name, truth in (("spect", series.truth_field_spect[i]), ("ct", series.truth_field_ct[i])):
+            errors = {"spect": displacement_error_map_mm(field_spect, series.truth_field_spect[i]),
+                      "ct": displacement_error_map_mm(field_spect, series.truth_field_ct[i])}
+            for truth_name, error_map in errors.items():
                 for mask_name, mask in masks.items():
-                    e = displacement_error_mm(field_spect, truth, mask)
+                    e = error_statistics_mm(error_map, mask)
                     row[f"{truth_name}_error_{mask_name}_mean_mm"] = e["mean_mm"]
                     row[f"{truth_name}_error_{mask_name}_p95_mm"] = e["p95_mm"]
-            for name, mask in segments.items():      # per VOI: where a method gains or loses against rigid
-                if mask.any():
-                    row[f"{VOI_ERROR}{name}_mean_mm"] = displacement_error_mm(
-                        field_spect, series.truth_field_spect[i], mask)["mean_mm"]
+            for name, mask in present_vois.items():  # per VOI: where a method gains or loses against rigid
+                row[f"{VOI_ERROR}{name}_mean_mm"] = error_statistics_mm(errors["spect"], mask)["mean_mm"]
             pair_rows.append(row)
             aligned.append(resample(np.clip(series.spect[i], 0, None), series.spect_geometry[i], ref_g,
                                     displacement=field_spect))
@@ -364,7 +380,7 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
         if method in ("elastix", "elastix-masked"):
             own = {"elastix_iterations": runner.elastix_iterations, "elastix_resolutions": runner.elastix_resolutions}
         elif method in ("transmorph", "corx-nocs", "corx", "corx-refine"):
-            source = runner.models["corx" if method == "corx-refine" else method].source
+            source = runner.models[runner.model_key(method)].source
             if not Path(source).is_file():
                 continue
             own = {"model_sha256": file_sha256(source), "device": runner.device}
