@@ -17,6 +17,7 @@ from CoRXRegistrationLib.preprocess import PreprocessConfig
 from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series
 from CoRXRegistrationLib.training.augment import apply_augmentation
 from CoRXRegistrationLib.training.data import load_patient, pack_simulated, save_patient, session_tensors
+from CoRXRegistrationLib.training.export import export_model
 from CoRXRegistrationLib.training.loop import TrainConfig, train
 
 TINY_PREP = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74)
@@ -157,6 +158,30 @@ def test_epoch_end_validates_and_keeps_the_best(data_dir, tmp_path):
                 "val_jacobian_nonpositive_percent"):
         assert np.isfinite(h[key]), key
     assert (out / "best.pt").is_file() and h["step"] == 12      # 1 training patient x 12 ordered pairs
+
+
+def test_short_epochs_validate_after_their_steps(data_dir, tmp_path):
+    """--epoch-steps 3: the epoch is the first 3 pairs of its shuffle, then validation and best.pt; the weights
+    are those of the same run stopped by --max-steps 3. The recipe's CT-only stage 3 is such a run; its
+    exported card names that stage and says the loss lacks the paper's SPECT term."""
+    common = dict(data=str(data_dir), network="corx-tiny", val_patients=1, seed=4, checkpoint_every=100, lr=2e-3,
+                  lambda_spect=0.0)
+    short = train(TrainConfig(out=str(tmp_path / "short"), epochs=1, epoch_steps=3, **common), log=lambda *a: None)
+    assert short["stopped"] == "finished" and [h["step"] for h in short["history"]] == [3]
+    assert np.isfinite(short["history"][0]["val_displacement_error_body_mm"])
+    cut = train(TrainConfig(out=str(tmp_path / "cut"), epochs=1, max_steps=3, **common), log=lambda *a: None)
+    assert cut["stopped"] == "step budget" and cut["history"] == []
+    best, last = _weights(tmp_path / "short" / "best.pt"), _weights(tmp_path / "cut" / "last.pt")
+    for k in last:
+        torch.testing.assert_close(best[k], last[k], msg=k)
+    with pytest.raises(ValueError, match="epoch_steps"):
+        train(TrainConfig(out=str(tmp_path / "zero"), epochs=1, epoch_steps=0, **common), log=lambda *a: None)
+    card = export_model(tmp_path / "short" / "best.pt", tmp_path / "m.pt", run_dir=tmp_path / "short")
+    assert "CT_STEPS=3 " in card["training"]["recipe"]
+    assert "LNCC(SPECT" not in card["training"]["loss"]
+    assert card["training"]["loss"].endswith("0.0008 diffusion (the paper's Eq. 2-5 without its SPECT LNCC term)")
+    assert any("drops the paper's SPECT LNCC term" in x for x in card["known_limits"])
+    assert card["validation"]["displacement_error_body_mm"] == short["history"][0]["val_displacement_error_body_mm"]
 
 
 def test_ddp_with_two_cpu_processes(data_dir, tmp_path):

@@ -130,7 +130,7 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, network=args.network, network_overrides=overrides,
                       epochs=args.epochs, lr=args.lr, val_patients=args.val_patients, seed=args.seed,
                       augment=not args.no_augment, checkpoint_every=args.checkpoint_every,
-                      max_minutes=args.max_minutes, max_steps=args.max_steps,
+                      max_minutes=args.max_minutes, max_steps=args.max_steps, epoch_steps=args.epoch_steps,
                       lambda_spect=args.lambda_spect, lambda_reg=args.lambda_reg, prealign=args.prealign,
                       init=args.init, loss_mask=args.loss_mask)
     result = train(cfg, resume=not args.restart, progress=TerminalProgress("train"))
@@ -156,14 +156,14 @@ def _cmd_evaluate(args) -> int:
         if source:
             models[method] = str(source)
     if args.quick:
-        result = run_evaluation(args.out, seeds=args.seeds[:1], patient15=False,
+        result = run_evaluation(args.out, seeds=args.seeds or [5000], patient15=False,
                                 protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,
                                 preset="small", elastix_iterations=min(args.elastix_iterations, 100),
                                 refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     else:
-        result = run_evaluation(args.out, seeds=args.seeds, patient15=not args.no_patient15, models=models,
-                                preset=args.preset, elastix_iterations=args.elastix_iterations,
+        result = run_evaluation(args.out, seeds=args.seeds or [5000, 5001, 5002], patient15=not args.no_patient15,
+                                models=models, preset=args.preset, elastix_iterations=args.elastix_iterations,
                                 refine_iterations=args.refine, device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     print(result["markdown"])
@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-augment", action="store_true")
     tr.add_argument("--checkpoint-every", type=int, default=25)
     tr.add_argument("--max-minutes", type=float)
-    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many steps in all")
+    tr.add_argument("--epoch-steps", type=int,
+                    help="steps per epoch, each followed by validation (default: every training pair once)")
     tr.add_argument("--prealign", choices=["rigid", "none"], default="rigid",
                     help="rigid CT-CT fit before the network (stored in the model and used again at inference)")
     tr.add_argument("--init", help="start from this model's weights (fine-tuning), e.g. the bundled model")
@@ -284,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="identity vs Elastix vs TransMorph vs CoRX on series with ground truth")
     ev.add_argument("--out", default="output/evaluation")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[5000, 5001, 5002],
-                    help="held-out simulation seeds (training used 100-127)")
+    ev.add_argument("--seeds", type=int, nargs="+",
+                    help="held-out simulation seeds (training used 100-127; default 5000 5001 5002, with --quick 5000)")
     ev.add_argument("--no-patient15", action="store_true")
     ev.add_argument("--model", default="bundled", help="the CoRX checkpoint")
     ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way (default: the committed "
@@ -296,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--refine", type=int, default=20, help="refinement iterations of the corx-refine method")
     ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--quick", action="store_true", help="1 small patient, 3 time points, short Elastix (CI)")
+    ev.add_argument("--quick", action="store_true",
+                    help="small patients (seed 5000 unless --seeds), 3 time points (4-48 h), 100 Elastix iterations, "
+                         "5 refinement iterations")
     ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph",
                                                      "corx-nocs", "corx", "corx-refine"],
                     help="a subset (default: every available)")

@@ -279,7 +279,10 @@ def tia_truth_comparison(outputs, series) -> dict:
     return table
 
 
-PROTOCOLS = {"4 time points (4-120 h)": (4.0, 24.0, 48.0, 120.0), "3 time points (4-48 h)": (4.0, 24.0, 48.0)}
+# The paper's two imaging protocols (its Table 1): SNUH 4, 24, 48, 120 h (training and internal test) and
+# SMC 0.5, 4, 24, 48 h (external validation); the first time point is the fixed reference.
+PROTOCOLS = {"4, 24, 48, 120 h (paper's SNUH protocol)": (4.0, 24.0, 48.0, 120.0),
+             "0.5, 4, 24, 48 h (paper's SMC protocol)": (0.5, 4.0, 24.0, 48.0)}
 PAIR_COLUMNS = [("ct_l1", "CT L1"), ("ct_ssim", "CT SSIM"), ("spect_ssim", "SPECT SSIM"), ("spect_lncc", "SPECT LNCC"),
                 ("jacobian_nonpositive_percent", "% Jacobian <= 0"),
                 ("spect_error_body_mean_mm", "SPECT-field error body (mm)"),
@@ -390,7 +393,7 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
     return out
 
 
-def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocols=None, models=None,
+def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, protocols=None, models=None,
                    preset: str = "clinical", elastix_iterations: int = 1000, refine_iterations: int = 20,
                    methods=None, device: str = "auto", log=print, resume: bool = True) -> dict:
     """The whole comparison; writes report.md, pairs.csv, tia.csv and report.json into ``out_dir``.
@@ -421,8 +424,9 @@ def run_evaluation(out_dir, seeds=(5000, 5001), patient15: bool = True, protocol
         for dataset, anatomy, seed in datasets:
             series = simulate_series(SimulationConfig.preset(preset, seed=int(seed), anatomy=anatomy, times_h=times))
             name = f"{dataset}, {proto_name}"
-            slug = "".join(c if c.isalnum() else "_" for c in f"{anatomy}_{seed}_{len(times)}tp")
-            resume_dir = out / "resume" / (slug + "_" + "_".join(f"{t:g}" for t in times)) if settings else None
+            hours = "_".join(f"{t:g}".replace(".", "p") for t in times)
+            slug = "".join(c if c.isalnum() else "_" for c in f"{anatomy}_{seed}_{len(times)}tp_{hours}")
+            resume_dir = out / "resume" / slug if settings else None
             p, t = evaluate_series(series, runner, methods, cfg, name, log=log,
                                    figure_path=out / f"figure_{slug}.png", resume_dir=resume_dir,
                                    resume_settings=settings)

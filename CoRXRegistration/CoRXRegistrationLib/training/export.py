@@ -14,7 +14,10 @@ import torch
 from ..network.checkpoint import file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from ..network.networks import count_parameters
 
-RECIPE = "NETWORK={network} LOSS_MASK={loss_mask} scripts/train_model.sh"   # scripts/train_bundled_model.sh for corx-cpu
+RECIPE = "NETWORK={network} LOSS_MASK={loss_mask} CT_STEPS={ct_steps} scripts/train_model.sh"  # bundled: train_bundled_model.sh
+CT_ONLY_LIMIT = ("The last training stage drops the paper's SPECT LNCC term (CT term only): on simulated series that "
+                 "term paid for turning activity change between time points (bladder emptying, washout around "
+                 "tumours) into motion. The network still takes both SPECT and CT as input.")
 LIMITS = [
     "Trained on simulated procedural anatomies only (177Lu-DOTATATE kinetics, 4-120 h); real patient "
     "data may differ (scatter, attenuation artefacts, metal, truncated fields of view).",
@@ -54,8 +57,7 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
         "parameters": count_parameters(network),
         "preprocess": payload["preprocess"],
         "training": {
-            "recipe": RECIPE.format(network=network.config.name,
-                                    loss_mask=meta.get("train_config", {}).get("loss_mask", "none")),
+            "recipe": recipe_line(network.config.name, meta.get("train_config", {})),
             "train_config": meta.get("train_config", {}),
             "selected_epoch": meta.get("epoch"),
             "selected_step": step,
@@ -65,22 +67,38 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
                         f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU",
             "data": "simulated procedural patients (corx simulate, clinical preset), seeds 100-127; "
                     "the 2 highest seeds are the validation split; never patient15, never seeds >= 5000",
-            "loss": loss_description(meta.get("train_config", {})),
+            "loss": loss_description(meta.get("train_config", {}))
+            + (f"; initialised from a model trained with {loss_description(initialised_from['train_config'])}"
+               if initialised_from else ""),
             "history": history,
             "initialised_from": initialised_from,
         },
         "validation": meta.get("validation", {}),
-        "known_limits": _status_lines(meta.get("validation", {}), step) + LIMITS,
+        "known_limits": _status_lines(meta.get("validation", {}), step)
+        + ([CT_ONLY_LIMIT] if _ct_only(meta.get("train_config", {})) else []) + LIMITS,
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
     out.with_suffix(".md").write_text(model_card_markdown(card))
     return card
 
 
+def _ct_only(train_config: dict) -> bool:
+    return train_config.get("lambda_spect", 0.1) == 0
+
+
+def recipe_line(network: str, train_config: dict) -> str:
+    """The scripts/train_model.sh call that makes this run: a CT-only short-epoch run is its stage 3."""
+    ct_steps = train_config.get("epoch_steps") if _ct_only(train_config) else 0
+    return RECIPE.format(network=network, loss_mask=train_config.get("loss_mask", "none"), ct_steps=ct_steps or 0)
+
+
 def loss_description(train_config: dict) -> str:
     """The loss a run used, from its stored training configuration (older runs: no mask)."""
     tc = {"lambda_spect": 0.1, "lambda_reg": 8e-4, "loss_mask": "none", **train_config}
     where = " over the voxels inside both scans' fields of view" if tc["loss_mask"] == "fov" else ""
+    if _ct_only(tc):
+        return (f"MSE(CT){where} + {tc['lambda_reg']:g} diffusion (the paper's Eq. 2-5 without its SPECT LNCC "
+                f"term)")
     return (f"MSE(CT) + {tc['lambda_spect']:g} LNCC(SPECT, 9^3){where} + {tc['lambda_reg']:g} diffusion "
             f"(paper Eq. 2-5)")
 
@@ -90,7 +108,7 @@ def _status_lines(val: dict, step) -> list:
     if "displacement_error_body_mm" not in val or "identity_error_body_mm" not in val:
         return []
     err, ident = val["displacement_error_body_mm"], val["identity_error_body_mm"]
-    return [f"Measured on the validation patients after {step} training steps: mean displacement error in the body "
+    return [f"Measured on the validation patients after {step} steps of its last training stage: mean displacement error in the body "
             f"{err:.2f} mm vs {ident:.2f} mm without registration ({100 * (1 - err / ident):.0f} % lower); "
             f"{val.get('jacobian_nonpositive_percent', float('nan')):.2f} % of voxels with Jacobian <= 0. "
             "Check the Jacobian and the overlays before using its fields for dosimetry."]

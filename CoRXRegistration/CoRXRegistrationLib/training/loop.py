@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 25
     max_minutes: float | None = None
     max_steps: int | None = None
+    epoch_steps: int | None = None  # optimiser steps per epoch (default: every training pair once per epoch)
     prealign: str = "rigid"
     init: str | None = None
     loss_mask: str = "fov"          # "fov": image terms inside both fields of view; "none": everywhere (v1)
@@ -221,6 +222,10 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
 
     pairs = [(fi, f, m) for fi, path in enumerate(train_files) for f, m in ordered_pairs(len(cache(path)["hours"]))]
     per_rank = len(pairs) // world
+    if cfg.epoch_steps is not None:                   # a shorter epoch: the first steps of each epoch's shuffle
+        if cfg.epoch_steps < 1:
+            raise ValueError(f"epoch_steps must be at least 1, got {cfg.epoch_steps}")
+        per_rank = min(per_rank, cfg.epoch_steps)
     history, best = list(start["history"]), start["best"]
     step, t_start, elapsed0 = start["step"], time.perf_counter(), start["elapsed_s"]
     if rank == 0:
