@@ -130,3 +130,21 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
                                resume_dir=tmp_path / "resume",
                                resume_settings=resume_settings(more_iterations, "small", TINY_PREP))
     assert CountingRunner.calls == 3 and not other[0]["resumed"]
+
+
+def test_run_covers_both_paper_protocols_each_with_its_own_files(tmp_path):
+    """The paper's SNUH (4-120 h) and SMC (0.5-48 h) protocols both run, a 0.5 h reference included, and two
+    protocols with the same number of time points no longer share a figure (nor a resume folder: same name)."""
+    from CoRXRegistrationLib.evaluation import PROTOCOLS, run_evaluation
+    assert sorted(PROTOCOLS.values()) == [(0.5, 4.0, 24.0, 48.0), (4.0, 24.0, 48.0, 120.0)]
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", build_network(named_config("corx-tiny", image_size=(32, 32, 32))),
+                            TINY_PREP.to_dict())
+    result = run_evaluation(tmp_path / "out", seeds=[21], patient15=False, models={"corx": str(model)},
+                            preset="small", methods=["identity", "corx"], device="cpu", log=lambda *a: None)
+    moving = {name: sorted(r["moving_h"] for r in result["pairs"] if r["method"] == "identity" and name in r["dataset"])
+              for name in PROTOCOLS}
+    assert moving == {name: list(times[1:]) for name, times in PROTOCOLS.items()}
+    assert {r["dataset"] for r in result["tia"]} == {r["dataset"] for r in result["pairs"]}
+    figures = sorted(p.name for p in (tmp_path / "out").glob("figure_*.png"))
+    assert figures == ["figure_procedural_21_4tp_0p5_4_24_48.png", "figure_procedural_21_4tp_4_24_48_120.png"]
