@@ -148,3 +148,19 @@ def test_run_covers_both_paper_protocols_each_with_its_own_files(tmp_path):
     assert {r["dataset"] for r in result["tia"]} == {r["dataset"] for r in result["pairs"]}
     figures = sorted(p.name for p in (tmp_path / "out").glob("figure_*.png"))
     assert figures == ["figure_procedural_21_4tp_0p5_4_24_48.png", "figure_procedural_21_4tp_4_24_48_120.png"]
+
+
+def test_cli_runs_only_the_protocols_asked_for(tmp_path):
+    """`corx evaluate --protocols smc` runs the SMC series alone, so parts of one full run can go to separate
+    processes sharing OUT/resume/."""
+    import json
+
+    from CoRXRegistrationLib.cli import main as corx_main
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", build_network(named_config("corx-tiny", image_size=(32, 32, 32))),
+                            TINY_PREP.to_dict())
+    assert corx_main(["evaluate", "--out", str(tmp_path / "out"), "--seeds", "21", "--no-patient15", "--preset", "small",
+                      "--model", str(model), "--methods", "identity", "--device", "cpu", "--protocols", "smc"]) == 0
+    pairs = json.loads((tmp_path / "out" / "report.json").read_text())["pairs"]
+    assert sorted({r["dataset"] for r in pairs}) == ["simulated (held out), 0.5, 4, 24, 48 h (paper's SMC protocol)"]
+    assert sorted(r["moving_h"] for r in pairs) == [4.0, 24.0, 48.0]

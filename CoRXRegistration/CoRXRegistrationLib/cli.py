@@ -147,7 +147,7 @@ def _cmd_export_model(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import run_evaluation
+    from .evaluation import PROTOCOL_SITES, PROTOCOLS, run_evaluation
 
     models = {"corx": args.model}
     for method, given, committed in (("transmorph", args.transmorph, COMPARISON_TRANSMORPH),
@@ -162,8 +162,9 @@ def _cmd_evaluate(args) -> int:
                                 refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     else:
+        protocols = {PROTOCOL_SITES[site]: PROTOCOLS[PROTOCOL_SITES[site]] for site in args.protocols}
         result = run_evaluation(args.out, seeds=args.seeds or [5000, 5001, 5002], patient15=not args.no_patient15,
-                                models=models, preset=args.preset, elastix_iterations=args.elastix_iterations,
+                                protocols=protocols, models=models, preset=args.preset, elastix_iterations=args.elastix_iterations,
                                 refine_iterations=args.refine, device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     print(result["markdown"])
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, nargs="+",
                     help="held-out simulation seeds (training used 100-127; default 5000 5001 5002, with --quick 5000)")
     ev.add_argument("--no-patient15", action="store_true")
+    ev.add_argument("--protocols", nargs="+", choices=["snuh", "smc"], default=["snuh", "smc"],
+                    help="the paper's time-point protocols to run: SNUH 4, 24, 48, 120 h; SMC 0.5, 4, 24, 48 h "
+                         "(parts of one full run can go to separate processes with the same --out)")
     ev.add_argument("--model", default="bundled", help="the CoRX checkpoint")
     ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way (default: the committed "
                                          "training_checkpoints/models/transmorph-cpu.pt of a source checkout)")
