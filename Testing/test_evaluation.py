@@ -148,6 +148,13 @@ def test_run_covers_both_paper_protocols_each_with_its_own_files(tmp_path):
     assert {r["dataset"] for r in result["tia"]} == {r["dataset"] for r in result["pairs"]}
     figures = sorted(p.name for p in (tmp_path / "out").glob("figure_*.png"))
     assert figures == ["figure_procedural_21_4tp_0p5_4_24_48.png", "figure_procedural_21_4tp_4_24_48_120.png"]
+    # the report opens with the tables over all 6 pairs (4, 24 and 48 h are moving times in both protocols)
+    headers = [line for line in result["markdown"].splitlines() if line.startswith("### ")]
+    assert headers[0] == "### all 2 datasets and protocols (6 pairs)" and len(headers) == 3
+    body_column = 1 + [c for _, c in PAIR_COLUMNS].index("SPECT-field error body (mm)")
+    all_identity = next(line for line in result["markdown"].splitlines() if line.startswith("| identity |"))
+    mean_body = np.mean([r["spect_error_body_mean_mm"] for r in result["pairs"] if r["method"] == "identity"])
+    assert float(all_identity.split("|")[body_column + 1].split("±")[0]) == pytest.approx(mean_body, rel=1e-3)
 
 
 def test_cli_runs_only_the_protocols_asked_for(tmp_path):

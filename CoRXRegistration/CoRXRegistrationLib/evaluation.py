@@ -321,12 +321,16 @@ def _voi_groups(vois) -> dict:
 def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
     """Markdown: per dataset, the paper's Table 2 columns plus truth errors (mean ± SD over pairs),
     speed relative to Elastix, the SPECT-field error per VOI class, and the TIA table (median voxel
-    error and VOI TIA error per VOI class)."""
+    error and VOI TIA error per VOI class). With more than one dataset, the same tables over every pair come first."""
     lines = []
-    for dataset in dict.fromkeys(r["dataset"] for r in pair_rows):
-        rows = [r for r in pair_rows if r["dataset"] == dataset]
-        n_pairs = len({(r["patient"], r["moving_h"]) for r in rows})
-        lines += [f"### {dataset} ({n_pairs} pairs)", "",
+    datasets = list(dict.fromkeys(r["dataset"] for r in pair_rows))
+    sections = [(d, [r for r in pair_rows if r["dataset"] == d], [r for r in tia_rows if r["dataset"] == d])
+                for d in datasets]
+    if len(datasets) > 1:
+        sections.insert(0, (f"all {len(datasets)} datasets and protocols", pair_rows, tia_rows))
+    for title, rows, trows in sections:
+        n_pairs = len({(r["dataset"], r["patient"], r["moving_h"]) for r in rows})
+        lines += [f"### {title} ({n_pairs} pairs)", "",
                   "| method | " + " | ".join(c[1] for c in PAIR_COLUMNS) + " | speed vs Elastix |",
                   "|---|" + "---:|" * (len(PAIR_COLUMNS) + 1)]
         elastix = [r["seconds"] for r in rows if r["method"] == "elastix"] or \
@@ -350,7 +354,6 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
                     lines.append(f"| {m} | " + " | ".join(_mean_sd([_class_error(r, names) for r in mine])
                                                           for names in groups.values()) + " |")
             lines.append("")
-        trows = [r for r in tia_rows if r["dataset"] == dataset]
         if trows:
             groups = _voi_groups({r["voi"] for r in trows})
             lines += ["| method | " + " | ".join(f"{g}: voxel err % / VOI err %" for g in groups) + " |",
