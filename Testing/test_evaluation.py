@@ -132,14 +132,19 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     assert CountingRunner.calls == 3 and not other[0]["resumed"]
 
 
+def _tiny_corx_checkpoint(tmp_path):
+    """An untrained corx-tiny (32³) checkpoint with seed-0 weights: enough to run the harness end to end."""
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "tiny.pt", build_network(named_config("corx-tiny", image_size=(32, 32, 32))),
+                           TINY_PREP.to_dict())
+
+
 def test_run_covers_both_paper_protocols_each_with_its_own_files(tmp_path):
     """The paper's SNUH (4-120 h) and SMC (0.5-48 h) protocols both run, a 0.5 h reference included, and two
     protocols with the same number of time points no longer share a figure (nor a resume folder: same name)."""
     from CoRXRegistrationLib.evaluation import PROTOCOLS, run_evaluation
     assert sorted(PROTOCOLS.values()) == [(0.5, 4.0, 24.0, 48.0), (4.0, 24.0, 48.0, 120.0)]
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", build_network(named_config("corx-tiny", image_size=(32, 32, 32))),
-                            TINY_PREP.to_dict())
+    model = _tiny_corx_checkpoint(tmp_path)
     result = run_evaluation(tmp_path / "out", seeds=[21], patient15=False, models={"corx": str(model)},
                             preset="small", methods=["identity", "corx"], device="cpu", log=lambda *a: None)
     moving = {name: sorted(r["moving_h"] for r in result["pairs"] if r["method"] == "identity" and name in r["dataset"])
@@ -163,11 +168,9 @@ def test_cli_runs_only_the_protocols_asked_for(tmp_path):
     import json
 
     from CoRXRegistrationLib.cli import main as corx_main
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", build_network(named_config("corx-tiny", image_size=(32, 32, 32))),
-                            TINY_PREP.to_dict())
-    assert corx_main(["evaluate", "--out", str(tmp_path / "out"), "--seeds", "21", "--no-patient15", "--preset", "small",
-                      "--model", str(model), "--methods", "identity", "--device", "cpu", "--protocols", "smc"]) == 0
+    model = _tiny_corx_checkpoint(tmp_path)
+    assert corx_main(["evaluate", "--out", str(tmp_path / "out"), "--seeds", "21", "--no-patient15",
+                      "--preset", "small", "--model", str(model), "--methods", "identity", "--device", "cpu", "--protocols", "smc"]) == 0
     pairs = json.loads((tmp_path / "out" / "report.json").read_text())["pairs"]
     assert sorted({r["dataset"] for r in pairs}) == ["simulated (held out), 0.5, 4, 24, 48 h (paper's SMC protocol)"]
     assert sorted(r["moving_h"] for r in pairs) == [4.0, 24.0, 48.0]

@@ -147,7 +147,7 @@ def _cmd_export_model(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import PROTOCOL_SITES, PROTOCOLS, run_evaluation
+    from .evaluation import PROTOCOL_SITES, run_evaluation
 
     models = {"corx": args.model}
     for method, given, committed in (("transmorph", args.transmorph, COMPARISON_TRANSMORPH),
@@ -162,9 +162,9 @@ def _cmd_evaluate(args) -> int:
                                 refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     else:
-        protocols = {PROTOCOL_SITES[site]: PROTOCOLS[PROTOCOL_SITES[site]] for site in args.protocols}
         result = run_evaluation(args.out, seeds=args.seeds or [5000, 5001, 5002], patient15=not args.no_patient15,
-                                protocols=protocols, models=models, preset=args.preset, elastix_iterations=args.elastix_iterations,
+                                protocols=dict(PROTOCOL_SITES[site] for site in args.protocols), models=models,
+                                preset=args.preset, elastix_iterations=args.elastix_iterations,
                                 refine_iterations=args.refine, device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     print(result["markdown"])

@@ -281,9 +281,9 @@ def tia_truth_comparison(outputs, series) -> dict:
 
 # The paper's two imaging protocols (its Table 1): SNUH 4, 24, 48, 120 h (training and internal test) and
 # SMC 0.5, 4, 24, 48 h (external validation); the first time point is the fixed reference.
-PROTOCOLS = {"4, 24, 48, 120 h (paper's SNUH protocol)": (4.0, 24.0, 48.0, 120.0),
-             "0.5, 4, 24, 48 h (paper's SMC protocol)": (0.5, 4.0, 24.0, 48.0)}
-PROTOCOL_SITES = {"snuh": "4, 24, 48, 120 h (paper's SNUH protocol)", "smc": "0.5, 4, 24, 48 h (paper's SMC protocol)"}
+PROTOCOL_SITES = {"snuh": ("4, 24, 48, 120 h (paper's SNUH protocol)", (4.0, 24.0, 48.0, 120.0)),
+                  "smc": ("0.5, 4, 24, 48 h (paper's SMC protocol)", (0.5, 4.0, 24.0, 48.0))}
+PROTOCOLS = dict(PROTOCOL_SITES.values())       # name -> hours, the run's default
 PAIR_COLUMNS = [("ct_l1", "CT L1"), ("ct_ssim", "CT SSIM"), ("spect_ssim", "SPECT SSIM"), ("spect_lncc", "SPECT LNCC"),
                 ("jacobian_nonpositive_percent", "% Jacobian <= 0"),
                 ("spect_error_body_mean_mm", "SPECT-field error body (mm)"),
