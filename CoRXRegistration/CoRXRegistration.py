@@ -173,14 +173,18 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
     """Console/batch entry points: load a series, register pairs or a whole series on MRML nodes."""
 
     def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
-                     device="auto", refineIterations=0, progress=None, cancel=None, name="moving"):
+                     device="auto", refineIterations=0, progress=None, cancel=None, name="moving",
+                     spectOffset=None):
         """Register the moving SPECT/CT onto the fixed one with CoRX.
 
-        Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid;
-        apply it to any moving volume), "deformedSPECT" (Bq/mL) and "deformedCT" (HU) on the fixed grids,
+        Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid:
+        what the moving SPECT follows, the CT-driven field plus the SPECT/CT offset, recorded in its
+        attribute CoRX.SPECTOffsetMm as LPS mm; apply it to the moving SPECT and what was drawn on it),
+        "deformedSPECT" (Bq/mL) and "deformedCT" (HU, CT-driven field, without the offset) on the fixed grids,
         "jacobian" (det of the deformation gradient; <= 0 is folding) and "deformationRGB" (R, G, B =
         left-right, anterior-posterior, inferior-superior displacement; grey = none), plus "result"
-        (the library's RegistrationResult with metrics and timings).
+        (the library's RegistrationResult with metrics and timings). ``spectOffset``: None fits the
+        SPECT/CT offset when the model reads the SPECT, False never.
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
@@ -188,7 +192,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         fixed = sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
         moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
         result = register(fixed, moving, model=model, device=device, refine_iterations=refineIterations,
-                          progress=progress, cancel=cancel)
+                          progress=progress, cancel=cancel, spect_offset=spectOffset)
         g_spect, g_ct = result.fixed_spect_geometry, result.fixed_ct_geometry
         nodes = {"transform": gridTransformNodeFromField(result.field_spect, g_spect, f"CoRX transform {name}"),
                  "deformedSPECT": addVolumeNode(result.warped_spect, g_spect, f"SPECT {name} deformed"),
@@ -200,11 +204,12 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         showJacobian(nodes["jacobian"], result.jacobian_spect)
         nodes["transform"].SetAttribute("CoRX.FixedSPECT", fixedSPECTNode.GetID())
         nodes["transform"].SetAttribute("CoRX.MovingSPECT", movingSPECTNode.GetID())
+        nodes["transform"].SetAttribute("CoRX.SPECTOffsetMm", " ".join(f"{v:.3f}" for v in result.spect_offset_mm))
         placeInFolder([v for k, v in nodes.items() if k != "result"], f"CoRX {name}")
         return nodes
 
     def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",
-                       refineIterations=0, progress=None, cancel=None):
+                       refineIterations=0, progress=None, cancel=None, spectOffset=None):
         """Register every time point to ``referenceIndex``. Returns {"pairs": {hours: nodes},
         "qaTable": table node with the paper's metrics per pair, "registeredSPECT": SPECT node per time
         point on the reference SPECT grid (the reference's own node for the reference)}."""
@@ -221,12 +226,13 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
             nodes = self.registerPair(ctNodes[referenceIndex], spectNodes[referenceIndex], ctNodes[i],
                                       spectNodes[i], model=loaded, device=device,
                                       refineIterations=refineIterations, progress=sub, cancel=cancel,
-                                      name=f"{timesH[i]:g}h")
+                                      name=f"{timesH[i]:g}h", spectOffset=spectOffset)
             pairs[timesH[i]] = nodes
             m = nodes["result"].metrics
             rows.append({"moving (h)": f"{timesH[i]:g}", "fixed (h)": f"{timesH[referenceIndex]:g}",
                          **{f"{k} before": float(v) for k, v in m["identity"].items()},
                          **{f"{k} after": float(v) for k, v in m["registered"].items()},
+                         "SPECT/CT offset (mm)": float(np.linalg.norm(nodes["result"].spect_offset_mm)),
                          "seconds": float(nodes["result"].timings_s["total"])})
         for i in range(len(timesH)):
             registered.append(spectNodes[i] if i == referenceIndex else pairs[timesH[i]]["deformedSPECT"])

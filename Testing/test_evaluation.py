@@ -53,7 +53,7 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     runner = MethodRunner({"corx": str(model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
                           elastix_resolutions=2)
     methods = runner.available()
-    assert methods == ["identity", "rigid", "elastix", "elastix-masked", "corx", "corx-refine"]
+    assert methods == ["identity", "rigid", "elastix", "elastix-masked", "corx-no-offset", "corx", "corx-refine"]
     settings = resume_settings(runner, "small", TINY_PREP)
     assert set(settings) == set(methods)
     pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None,
@@ -77,6 +77,10 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
             if voi.any():
                 assert r[f"spect_error_voi_{name}_mean_mm"] == pytest.approx(motion[voi].mean(), rel=1e-4)
     assert all(np.isfinite(v) for r in pairs for k, v in r.items() if k.startswith("spect_error_voi_"))
+    # the SPECT/CT offset moves only the SPECT: the CT field (and its error) is the network's either way
+    with_offset, without = (next(r for r in pairs if r["method"] == m) for m in ("corx", "corx-no-offset"))
+    assert with_offset["ct_error_body_mean_mm"] == pytest.approx(without["ct_error_body_mean_mm"], rel=1e-6)
+    assert with_offset["ct_ssim"] == pytest.approx(without["ct_ssim"], rel=1e-6)
     i = 1
     true_dice = warped_label_dice(small_series, i, small_series.truth_field_spect[i])
     none_dice = warped_label_dice(small_series, i, np.zeros_like(small_series.truth_field_spect[i]))
@@ -98,9 +102,9 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     class CountingRunner(MethodRunner):
         calls = 0
 
-        def field(self, *args):
+        def fields(self, *args):
             CountingRunner.calls += 1
-            return super().field(*args)
+            return super().fields(*args)
 
     again = CountingRunner({"corx": str(model)}, elastix_iterations=20, refine_iterations=2, device="cpu",
                            elastix_resolutions=2)

@@ -146,8 +146,10 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
     s = small_series
     cts = [addVolumeNode(ct.astype(np.float32), g, f"CT {i}") for i, (ct, g) in enumerate(zip(s.ct, s.ct_geometry))]
     spects = [addVolumeNode(sp, g, f"SPECT {i}") for i, (sp, g) in enumerate(zip(s.spect, s.spect_geometry))]
-    out = CoRXRegistrationLogic().registerSeries(cts[:2], spects[:2], [4.0, 24.0], 0, model=str(model), device="cpu")
+    out = CoRXRegistrationLogic().registerSeries(cts[:2], spects[:2], [4.0, 24.0], 0, model=str(model), device="cpu",
+                                                 spectOffset=False)      # the SPECT field too is the head's alone
     nodes = out["pairs"][24.0]
+    assert nodes["transform"].GetAttribute("CoRX.SPECTOffsetMm") == "0.000 0.000 0.000"
     assert volumeNodeGeometry(nodes["deformedSPECT"]).same_grid(s.spect_geometry[0])
     assert volumeNodeGeometry(nodes["deformedCT"]).same_grid(s.ct_geometry[0])
     assert nodes["deformationRGB"].IsA("vtkMRMLVectorVolumeNode")

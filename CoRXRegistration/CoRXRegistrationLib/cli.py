@@ -96,7 +96,7 @@ def _cmd_register(args) -> int:
     fixed = read_session(args.fixed_ct, args.fixed_spect, "fixed")
     moving = read_session(args.moving_ct, args.moving_spect, "moving")
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
-                      progress=TerminalProgress("register"))
+                      progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None)
     files = write_registration(result, args.out, overwrite=args.overwrite,
                                protected=[args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect])
     for note in result.notes:
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     r.add_argument("--refine", type=int, default=0, help="instance-optimisation iterations after the network")
+    r.add_argument("--no-spect-offset", action="store_true",
+                   help="do not fit the SPECT/CT offset: the SPECT follows the CT-driven field exactly")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=_cmd_register)
 
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="small patients (seed 5000 unless --seeds), 3 time points (4-48 h), 100 Elastix iterations, "
                          "5 refinement iterations")
     ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph",
-                                                     "corx-nocs", "corx", "corx-refine"],
+                                                     "corx-nocs", "corx-no-offset", "corx", "corx-refine"],
                     help="a subset (default: every available)")
     ev.add_argument("--fresh", action="store_true",
                     help="measure every field again (default: reuse the Elastix fields an interrupted run with the "

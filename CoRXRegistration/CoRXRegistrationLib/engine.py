@@ -2,10 +2,13 @@
 
 ``register(fixed, moving, model, device="auto", refine_iterations=0, progress=callback)``
 first fits the moving CT rigidly to the fixed CT where the model was trained that way
-(``PreprocessConfig.prealign``), then runs the network on the pre-aligned pair; it
-returns the total displacement field in LPS mm (resampling convention: fixed point p maps to the moving
-point p + u(p)) on the network grid and on the native fixed SPECT and CT grids, the moving CT and
-SPECT warped onto the native fixed grids, a Jacobian-determinant map and the paper's metrics
+(``PreprocessConfig.prealign``), then runs the network on the pre-aligned pair. For a model that
+reads the SPECT (CoRX), it then fits the SPECT/CT offset (:mod:`network.spect_offset`): one
+translation of the moving SPECT against the field its CT gives, since within a session SPECT and CT
+are not exactly registered. It returns the total displacement field in LPS mm (resampling
+convention: fixed point p maps to the moving point p + u(p)) on the network grid and on the native
+fixed SPECT and CT grids (the SPECT field includes the offset, the CT field does not), the moving CT
+and SPECT warped onto the native fixed grids, a Jacobian-determinant map and the paper's metrics
 before and after registration. The SPECT warp samples concentration (Bq/mL); it does not
 modulate by the Jacobian, so activity in a VOI is preserved up to interpolation where the
 deformation is locally volume-preserving.
@@ -25,6 +28,7 @@ from .network.losses import LossWeights, registration_loss
 from .network.metrics import jacobian_determinant, registration_metrics
 from .network.networks import RegistrationNetwork
 from .network.rigid import prealign_moving
+from .network.spect_offset import fit_spect_offset
 from .network.transform import compose, integrate_velocity, warp
 from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
                          normalise_ct, normalise_spect, onto_grid)
@@ -89,13 +93,16 @@ def select_device(requested: str = "auto") -> tuple:
 
 @dataclass
 class RegistrationResult:
-    """All outputs of one pair. Fields are (Z, Y, X, 3) LPS mm, resampling convention."""
+    """All outputs of one pair. Fields are (Z, Y, X, 3) LPS mm, resampling convention.
+    ``field_network`` is CT-driven (rigid + network + refinement); the SPECT follows it plus
+    ``spect_offset_mm`` (``field_network_spect``)."""
     grid: Geometry                        # network grid
-    field_network: np.ndarray             # on ``grid``
+    field_network: np.ndarray             # on ``grid``, what the CT follows
     fixed_spect_geometry: Geometry
     fixed_ct_geometry: Geometry
-    field_spect: np.ndarray | None = None  # on the fixed SPECT grid
-    field_ct: np.ndarray | None = None     # on the fixed CT grid
+    spect_offset_mm: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float32))   # LPS (x, y, z)
+    field_spect: np.ndarray | None = None  # on the fixed SPECT grid, with the SPECT/CT offset
+    field_ct: np.ndarray | None = None     # on the fixed CT grid, without it
     warped_spect: np.ndarray | None = None  # Bq/mL on the fixed SPECT grid
     warped_ct: np.ndarray | None = None     # HU on the fixed CT grid
     jacobian_spect: np.ndarray | None = None  # det(I + grad u) on the fixed SPECT grid
@@ -103,6 +110,11 @@ class RegistrationResult:
     timings_s: dict = field(default_factory=dict)
     device: str = "cpu"
     notes: list = field(default_factory=list)
+
+    @property
+    def field_network_spect(self) -> np.ndarray:
+        """What the SPECT follows on the network grid: the CT-driven field plus the SPECT/CT offset."""
+        return self.field_network + np.asarray(self.spect_offset_mm, np.float32)
 
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
@@ -145,11 +157,22 @@ def refine_displacement(displacement, fixed_ct, moving_ct, fixed_spect, moving_s
         return compose(w, predicted)
 
 
+def spect_offset_note(fit, mm: np.ndarray) -> str:
+    """One line for the user: the SPECT/CT offset ``mm`` (LPS) of ``fit``, or why none was applied."""
+    if not fit.applied:
+        return f"SPECT/CT offset not applied: {fit.reason}"
+    return (f"SPECT/CT offset (moving SPECT against its CT-driven field) ({mm[0]:+.2f}, {mm[1]:+.2f}, "
+            f"{mm[2]:+.2f}) mm LPS, {np.linalg.norm(mm):.2f} mm; SPECT LNCC over the uptake box "
+            f"{fit.lncc_before:.4f} -> {fit.lncc_after:.4f}")
+
+
 def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
-             progress=None, cancel=None, native_outputs: bool = True, qa_metrics: bool = True) -> RegistrationResult:
+             progress=None, cancel=None, native_outputs: bool = True, qa_metrics: bool = True,
+             spect_offset: bool | None = None) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (see module docstring). ``progress(fraction, text)`` and
     ``cancel() -> bool`` are optional callbacks; cancelling raises RegistrationCancelled.
-    ``qa_metrics=False`` skips the paper's metrics before/after (about 2.7 s of SSIM on 2 CPU cores)."""
+    ``qa_metrics=False`` skips the paper's metrics before/after (about 2.7 s of SSIM on 2 CPU cores).
+    ``spect_offset``: fit the SPECT/CT offset; None = when the model reads the SPECT (CoRX, not TransMorph)."""
     report = progress or (lambda f, t="": None)
     timings, notes = {}, []
 
@@ -164,6 +187,12 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     notes.append(message)
     model = load_model(model, "cpu")
     cfg = model.preprocess
+    reads_spect = model.network.config.architecture == "corx"
+    if spect_offset is None:
+        spect_offset = reads_spect
+    elif spect_offset and not reads_spect:
+        raise ValueError(f"the SPECT/CT offset needs a model that reads the SPECT; '{model.network.config.name}' "
+                         f"is CT-only")
     report(0.02, "preprocessing")
     grid = network_grid(fixed, cfg)
     raw = [onto_grid(s, grid, cfg) for s in (fixed, moving)]
@@ -190,35 +219,48 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
             disp = refine_displacement(disp, fct, mct, fsp, msp, refine_iterations,
                                        diffeomorphic=model.network.config.diffeomorphic, progress=sub, cancel=cancel)
             timings["refine"] = time.perf_counter() - t
-        return disp
+        if not spect_offset:
+            return disp, None
+        check_cancel("before the SPECT/CT offset")
+        t = time.perf_counter()
+        report(0.8, "SPECT/CT offset")
+        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]))
+        timings["spect_offset"] = time.perf_counter() - t
+        return disp, fit
 
     try:
-        displacement = run_on(torch_device)
+        displacement, offset_fit = run_on(torch_device)
     except torch.OutOfMemoryError:
         if torch_device.type == "cpu":
             raise
         notes.append(f"out of memory on {torch_device}; fell back to CPU")
         torch.cuda.empty_cache()
         torch_device = torch.device("cpu")
-        displacement = run_on(torch_device)
+        displacement, offset_fit = run_on(torch_device)
     model.network.to("cpu")
 
     t = time.perf_counter()
     disp_cpu = displacement.detach().float().cpu()
+    offset_voxels = torch.zeros(3) if offset_fit is None else torch.tensor(offset_fit.offset_voxels)
+    offset_mm = displacement_voxels_to_lps(offset_voxels.numpy().reshape(3, 1, 1, 1), grid).reshape(3)
+    if offset_fit is not None:
+        notes.append(spect_offset_note(offset_fit, offset_mm))
+    disp_spect = disp_cpu + offset_voxels.view(1, 3, 1, 1, 1)
     metrics = {}
     if qa_metrics:
         (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
         metrics = {"identity": registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu)),
-                   "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_cpu), disp_cpu)}
+                   "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_spect), disp_cpu)}
         timings["metrics"] = time.perf_counter() - t
     field_network = displacement_voxels_to_lps(disp_cpu[0].numpy(), grid)
-    result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry, metrics=metrics,
-                                timings_s=timings, device=str(torch_device), notes=notes)
+    result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry,
+                                spect_offset_mm=offset_mm, metrics=metrics, timings_s=timings,
+                                device=str(torch_device), notes=notes)
     if native_outputs:
         check_cancel("before native-resolution outputs")
         report(0.85, "native-resolution outputs")
         t = time.perf_counter()
-        result.field_spect = field_on_native_grid(field_network, grid, fixed.spect_geometry)
+        result.field_spect = field_on_native_grid(result.field_network_spect, grid, fixed.spect_geometry)
         result.field_ct = field_on_native_grid(field_network, grid, fixed.ct_geometry)
         result.warped_spect = resample(np.clip(moving.spect, 0, None), moving.spect_geometry, fixed.spect_geometry,
                                        displacement=result.field_spect)
@@ -264,9 +306,12 @@ def write_registration(result: RegistrationResult, out_dir, protected=(), overwr
     write_displacement_field(files["field_network"], result.field_network, result.grid)
     summary = {"metrics": result.metrics, "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                "device": result.device, "notes": result.notes, "network_grid": result.grid.to_dict(),
+               "spect_offset_mm_lps": [round(float(v), 3) for v in result.spect_offset_mm],
                "jacobian_nonpositive_percent_spect_grid":
                    None if result.jacobian_spect is None else float(100.0 * np.mean(result.jacobian_spect <= 0)),
                "units": {"fields": "mm, LPS, resampling (fixed point -> moving point)", "warped_spect": "Bq/mL",
-                         "warped_ct": "HU"}}
+                         "warped_ct": "HU"},
+               "fields": {"field_spect": "what the SPECT follows: CT-driven field + SPECT/CT offset",
+                          "field_network": "CT-driven field on the network grid (without the SPECT/CT offset)"}}
     files["metrics"].write_text(json.dumps(summary, indent=2))
     return {k: str(v) for k, v in files.items() if v.exists()}

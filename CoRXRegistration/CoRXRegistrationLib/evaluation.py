@@ -2,8 +2,10 @@
 
 Every method registers the same (reference, moving) pairs of the same series in one process:
 identity, Elastix (paper settings, CT-driven, via itk-elastix), TransMorph (CT only), CoRX without
-cross-stitch, CoRX, CoRX + instance refinement. Each method yields a field (LPS mm, resampling
-convention) on the network grid of the reference time point; everything after that is common:
+cross-stitch, CoRX without its SPECT/CT offset, CoRX, CoRX + instance refinement. Each method yields
+a field for the CT and one for the SPECT (LPS mm, resampling convention) on the network grid of the
+reference time point; they differ only for the methods that fit the SPECT/CT offset (the CoRX rows
+but "corx-no-offset"). Everything after that is common:
 the paper's metrics on the network grid (CT L1, CT SSIM, min-max SPECT SSIM, SPECT LNCC,
 % Jacobian <= 0), displacement error against the true SPECT and CT fields in the body, organs and
 tumours (mm, on the reference SPECT grid), and the TIA maps each method's registration gives
@@ -25,8 +27,10 @@ from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, 
 from .resample import resample, resample_field
 
 # the paper's rows, plus our rigid CT-CT pre-alignment alone (what the network starts from)
-# "elastix-masked": the same Elastix with its metric restricted to the axial band the rigid stage uses
-PAPER_ROW_ORDER = ["identity", "rigid", "elastix", "elastix-masked", "transmorph", "corx-nocs", "corx", "corx-refine"]
+# "elastix-masked": the same Elastix with its metric restricted to the axial band the rigid stage uses;
+# "corx-no-offset": the bundled CoRX without the SPECT/CT offset (its CT-driven field moves the SPECT too)
+PAPER_ROW_ORDER = ["identity", "rigid", "elastix", "elastix-masked", "transmorph", "corx-nocs", "corx-no-offset",
+                   "corx", "corx-refine"]
 
 
 def displacement_error_map_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray) -> np.ndarray:
@@ -80,7 +84,7 @@ def voi_segments(series) -> dict:
 
 
 class MethodRunner:
-    """Produces each method's field on the network grid (LPS mm) for one pair."""
+    """Produces each method's fields on the network grid (LPS mm) for one pair."""
 
     def __init__(self, models: dict, elastix_iterations: int = 1000, refine_iterations: int = 20,
                  device: str = "auto", elastix_resolutions: int = 4):
@@ -91,17 +95,35 @@ class MethodRunner:
 
     @staticmethod
     def model_key(method: str) -> str:
-        """The model a network method runs (corx-refine refines the corx model's field)."""
-        return "corx" if method == "corx-refine" else method
+        """The model a network method runs (corx-refine and corx-no-offset run the corx model)."""
+        return "corx" if method in ("corx-refine", "corx-no-offset") else method
 
     def available(self) -> list:
         out = ["identity", "rigid", "elastix", "elastix-masked"]
         out += [m for m in ("transmorph", "corx-nocs", "corx") if m in self.models]
+        if "corx" in self.models:
+            out.append("corx-no-offset")
         if "corx" in self.models and self.refine_iterations > 0:
             out.append("corx-refine")
         return [m for m in PAPER_ROW_ORDER if m in out]
 
-    def field(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> np.ndarray:
+    def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
+        """(what the CT follows, what the SPECT follows); one array twice for CT-driven methods."""
+        if method in ("identity", "rigid", "elastix", "elastix-masked"):
+            field = self._ct_driven_field(method, fixed, moving, grid, cfg)
+            return field, field
+        from .engine import register
+        key = self.model_key(method)
+        refine = self.refine_iterations if method == "corx-refine" else 0
+        result = register(fixed, moving, model=self.models[key], device=self.device, refine_iterations=refine,
+                          native_outputs=False, qa_metrics=False,   # metrics are computed alike for every method
+                          spect_offset=False if method == "corx-no-offset" else None)
+        if not result.grid.same_grid(grid):
+            raise ValueError(f"model '{key}' uses another network grid ({result.grid.describe()}) than the "
+                             f"evaluation ({grid.describe()}); evaluate models with one preprocessing together")
+        return result.field_network, result.field_network_spect
+
+    def _ct_driven_field(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig):
         if method == "identity":
             return np.zeros(grid.shape + (3,), np.float32)
         if method == "rigid":
@@ -123,39 +145,33 @@ class MethodRunner:
                 mask = band[0, 0].numpy() > 0
             return elastix_register_ct(fixed_ct, moving_ct, grid, iterations=self.elastix_iterations,
                                        resolutions=self.elastix_resolutions, fixed_mask=mask)
-        from .engine import register
-        key = self.model_key(method)
-        refine = self.refine_iterations if method == "corx-refine" else 0
-        result = register(fixed, moving, model=self.models[key], device=self.device, refine_iterations=refine,
-                          native_outputs=False, qa_metrics=False)   # metrics are computed alike for every method
-        if not result.grid.same_grid(grid):
-            raise ValueError(f"model '{key}' uses another network grid ({result.grid.describe()}) than the "
-                             f"evaluation ({grid.describe()}); evaluate models with one preprocessing together")
-        return result.field_network
+        raise ValueError(f"unknown method {method!r}")
 
 
 def _metric_tensors(session: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
     return tuple(torch.from_numpy(a)[None, None] for a in metric_images(*onto_grid(session, grid, cfg)))
 
 
-def _resumed_field(path, settings: str):
-    """(field, seconds, peak MB) stored by an earlier run with the same ``settings``, or None."""
+def _resumed_fields(path, settings: str):
+    """(CT field, SPECT field, seconds, peak MB) stored by an earlier run with the same ``settings``, or None."""
     if path is None or not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["settings"]) != settings:
                 return None
-            return z["field"], float(z["seconds"]), float(z["peak_memory_mb"])
+            spect = z["field_spect"] if "field_spect" in z.files else z["field"]
+            return z["field"], spect, float(z["seconds"]), float(z["peak_memory_mb"])
     except (OSError, ValueError, KeyError):          # a file cut short by the interruption: measure again
         return None
 
 
-def _store_field(path, settings: str, field: np.ndarray, seconds: float, peak_mb: float) -> None:
+def _store_fields(path, settings: str, field_ct: np.ndarray, field_spect: np.ndarray, seconds: float,
+                  peak_mb: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.npz")
-    np.savez(partial, settings=np.array(settings), field=field.astype(np.float32), seconds=np.float64(seconds),
-             peak_memory_mb=np.float64(peak_mb))
+    np.savez(partial, settings=np.array(settings), field=field_ct.astype(np.float32),
+             field_spect=field_spect.astype(np.float32), seconds=np.float64(seconds), peak_memory_mb=np.float64(peak_mb))
     partial.replace(path)                            # whole or absent, never half-written
 
 
@@ -190,21 +206,21 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                 continue
             settings = (resume_settings or {}).get(method)
             stored = None if resume_dir is None or settings is None else Path(resume_dir) / f"{method}_{h:g}h.npz"
-            resumed = _resumed_field(stored, settings)
+            resumed = _resumed_fields(stored, settings)
             if resumed is not None:
-                field, seconds, peak_mb = resumed
+                field_ct, field, seconds, peak_mb = resumed
             else:
                 t0 = time.perf_counter()
                 with PeakMemory() as memory:
-                    field = runner.field(method, sessions[ref], sessions[i], grid, cfg)
+                    field_ct, field = runner.fields(method, sessions[ref], sessions[i], grid, cfg)
                 seconds, peak_mb = time.perf_counter() - t0, memory.peak_mb
                 if stored is not None and seconds >= resume_min_seconds:
-                    _store_field(stored, settings, field, seconds, peak_mb)
-            disp = torch.from_numpy(displacement_lps_to_voxels(field, grid))[None]
+                    _store_fields(stored, settings, field_ct, field, seconds, peak_mb)
+            disp_ct, disp = (torch.from_numpy(displacement_lps_to_voxels(f, grid))[None] for f in (field_ct, field))
             (fct, fsp), (mct, msp) = images[ref], images[i]
             row = {"dataset": dataset, "patient": patient, "moving_h": h, "method": method, "seconds": seconds,
                    "peak_memory_mb": peak_mb, "resumed": resumed is not None,
-                   **registration_metrics(fct, warp(mct, disp), fsp, warp(msp, disp), disp)}
+                   **registration_metrics(fct, warp(mct, disp_ct), fsp, warp(msp, disp), disp_ct)}
             field_spect = resample_field(field, grid, ref_g)
             if series.labels_session_spect:
                 dice = warped_label_dice(series, i, field_spect)
@@ -213,7 +229,7 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                     values = [dice[n] for n in names if np.isfinite(dice[n])]
                     row[f"dice_{group}_mean"] = float(np.mean(values)) if values else float("nan")
             errors = {"spect": displacement_error_map_mm(field_spect, series.truth_field_spect[i]),
-                      "ct": displacement_error_map_mm(field_spect, series.truth_field_ct[i])}
+                      "ct": displacement_error_map_mm(resample_field(field_ct, grid, ref_g), series.truth_field_ct[i])}
             for truth_name, error_map in errors.items():
                 for mask_name, mask in masks.items():
                     e = error_statistics_mm(error_map, mask)
@@ -386,11 +402,13 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
         own = {}
         if method in ("elastix", "elastix-masked"):
             own = {"elastix_iterations": runner.elastix_iterations, "elastix_resolutions": runner.elastix_resolutions}
-        elif method in ("transmorph", "corx-nocs", "corx", "corx-refine"):
+        elif runner.model_key(method) in runner.models:
             source = runner.models[runner.model_key(method)].source
             if not Path(source).is_file():
                 continue
-            own = {"model_sha256": file_sha256(source), "device": runner.device}
+            own = {"model_sha256": file_sha256(source), "device": runner.device,
+                   "spect_offset": method != "corx-no-offset" and runner.models[runner.model_key(method)]
+                   .network.config.architecture == "corx"}
             if method == "corx-refine":
                 own["refine_iterations"] = runner.refine_iterations
         out[method] = json.dumps({"method": method, **common, **own}, sort_keys=True)

@@ -19,19 +19,27 @@ def _identity_grid(shape: tuple, device, dtype) -> torch.Tensor:
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "linear",
-         padding: str = "border") -> torch.Tensor:
+         padding: str = "border", origin: tuple | None = None) -> torch.Tensor:
     """Sample ``image`` (B, C, Z, Y, X) at p + u(p). ``mode``: "linear" for images, "nearest" for label maps.
 
     Outside the grid: "border" repeats the edge (images normalised to a background), "zeros" gives 0.
+    ``origin`` (voxel index (z, y, x) in ``image``): ``displacement`` covers only the block of the
+    image grid starting there, and the result is that block; by default it covers the whole grid.
     """
     if displacement.dim() != 5 or displacement.shape[1] != 3:
         raise ValueError(f"displacement must be (B, 3, Z, Y, X), got {tuple(displacement.shape)}")
-    if tuple(image.shape[2:]) != tuple(displacement.shape[2:]):
-        raise ValueError(f"image grid {tuple(image.shape[2:])} differs from displacement grid "
-                         f"{tuple(displacement.shape[2:])}")
-    shape = displacement.shape[2:]
-    coords = _identity_grid(tuple(shape), displacement.device, displacement.dtype)[None] + displacement
-    scale = torch.tensor([max(n - 1, 1) for n in shape], device=coords.device, dtype=coords.dtype)
+    shape = tuple(displacement.shape[2:])
+    if origin is None:
+        if tuple(image.shape[2:]) != shape:
+            raise ValueError(f"image grid {tuple(image.shape[2:])} differs from displacement grid {shape}")
+        coords = _identity_grid(shape, displacement.device, displacement.dtype)[None] + displacement
+    else:
+        if any(o < 0 or o + n > m for o, n, m in zip(origin, shape, image.shape[2:])):
+            raise ValueError(f"block {shape} at {tuple(origin)} does not lie inside the image grid "
+                             f"{tuple(image.shape[2:])}")
+        offset = torch.tensor(origin, device=displacement.device, dtype=displacement.dtype).view(1, 3, 1, 1, 1)
+        coords = _identity_grid(shape, displacement.device, displacement.dtype)[None] + offset + displacement
+    scale = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], device=coords.device, dtype=coords.dtype)
     normalised = 2.0 * coords / scale.view(1, 3, 1, 1, 1) - 1.0
     grid = normalised.permute(0, 2, 3, 4, 1).flip(-1)          # (B, Z, Y, X, [x, y, z])
     src = image if image.is_floating_point() else image.to(displacement.dtype)

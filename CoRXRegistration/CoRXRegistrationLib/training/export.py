@@ -125,6 +125,10 @@ def model_card_markdown(card: dict) -> str:
              f"- Pre-alignment: {card['preprocess'].get('prealign', 'none')} (CT-CT, fitted per pair before the network; "
              "the network corrects what is left)" if card['preprocess'].get('prealign', 'none') != 'none' else
              "- Pre-alignment: none",
+             *(["- SPECT/CT offset (at registration, after the network; fitted, not learned): one translation of the "
+                "moving SPECT against the field its CT gives, maximising SPECT LNCC over the uptake "
+                "(`network/spect_offset.py`); `corx register --no-spect-offset` or `spect_offset=False` leaves it out"]
+               if cfg["architecture"] == "corx" else []),
              f"- Parameters: {card['parameters']:,}",
              f"- Preprocessing: {card['preprocess']}",
              "", "## Training", "",
