@@ -53,6 +53,11 @@ class RegistrationModel:
     source: str = "in memory"
     meta: dict = field(default_factory=dict)
 
+    @property
+    def reads_spect(self) -> bool:
+        """CoRX reads SPECT and CT; a TransMorph is CT-only (and so fits no SPECT/CT offset)."""
+        return self.network.config.architecture == "corx"
+
 
 def load_model(spec=None, device="cpu") -> RegistrationModel:
     """``spec``: None or "bundled" (the shipped model), a checkpoint path, or a RegistrationModel."""
@@ -187,10 +192,9 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     notes.append(message)
     model = load_model(model, "cpu")
     cfg = model.preprocess
-    reads_spect = model.network.config.architecture == "corx"
     if spect_offset is None:
-        spect_offset = reads_spect
-    elif spect_offset and not reads_spect:
+        spect_offset = model.reads_spect
+    elif spect_offset and not model.reads_spect:
         raise ValueError(f"the SPECT/CT offset needs a model that reads the SPECT; '{model.network.config.name}' "
                          f"is CT-only")
     report(0.02, "preprocessing")

@@ -107,6 +107,11 @@ class MethodRunner:
             out.append("corx-refine")
         return [m for m in PAPER_ROW_ORDER if m in out]
 
+    def spect_offset(self, method: str) -> bool:
+        """Whether a network method's SPECT field includes the SPECT/CT offset (the engine's default
+        for a model that reads the SPECT; never for corx-no-offset)."""
+        return method != "corx-no-offset" and self.models[self.model_key(method)].reads_spect
+
     def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
         """(what the CT follows, what the SPECT follows); one array twice for CT-driven methods."""
         if method in ("identity", "rigid", "elastix", "elastix-masked"):
@@ -117,7 +122,7 @@ class MethodRunner:
         refine = self.refine_iterations if method == "corx-refine" else 0
         result = register(fixed, moving, model=self.models[key], device=self.device, refine_iterations=refine,
                           native_outputs=False, qa_metrics=False,   # metrics are computed alike for every method
-                          spect_offset=False if method == "corx-no-offset" else None)
+                          spect_offset=self.spect_offset(method))
         if not result.grid.same_grid(grid):
             raise ValueError(f"model '{key}' uses another network grid ({result.grid.describe()}) than the "
                              f"evaluation ({grid.describe()}); evaluate models with one preprocessing together")
@@ -160,8 +165,9 @@ def _resumed_fields(path, settings: str):
         with np.load(path, allow_pickle=False) as z:
             if str(z["settings"]) != settings:
                 return None
-            spect = z["field_spect"] if "field_spect" in z.files else z["field"]
-            return z["field"], spect, float(z["seconds"]), float(z["peak_memory_mb"])
+            field_ct = z["field"]
+            field_spect = z["field_spect"] if "field_spect" in z.files else field_ct   # CT-driven: one array
+            return field_ct, field_spect, float(z["seconds"]), float(z["peak_memory_mb"])
     except (OSError, ValueError, KeyError):          # a file cut short by the interruption: measure again
         return None
 
@@ -170,8 +176,9 @@ def _store_fields(path, settings: str, field_ct: np.ndarray, field_spect: np.nda
                   peak_mb: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.npz")
-    np.savez(partial, settings=np.array(settings), field=field_ct.astype(np.float32),
-             field_spect=field_spect.astype(np.float32), seconds=np.float64(seconds), peak_memory_mb=np.float64(peak_mb))
+    spect = {} if field_spect is field_ct else {"field_spect": field_spect.astype(np.float32)}
+    np.savez(partial, settings=np.array(settings), field=field_ct.astype(np.float32), seconds=np.float64(seconds),
+             peak_memory_mb=np.float64(peak_mb), **spect)
     partial.replace(path)                            # whole or absent, never half-written
 
 
@@ -216,7 +223,9 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                 seconds, peak_mb = time.perf_counter() - t0, memory.peak_mb
                 if stored is not None and seconds >= resume_min_seconds:
                     _store_fields(stored, settings, field_ct, field, seconds, peak_mb)
-            disp_ct, disp = (torch.from_numpy(displacement_lps_to_voxels(f, grid))[None] for f in (field_ct, field))
+            one_field = field_ct is field              # CT-driven methods: convert and resample it once
+            disp = torch.from_numpy(displacement_lps_to_voxels(field, grid))[None]
+            disp_ct = disp if one_field else torch.from_numpy(displacement_lps_to_voxels(field_ct, grid))[None]
             (fct, fsp), (mct, msp) = images[ref], images[i]
             row = {"dataset": dataset, "patient": patient, "moving_h": h, "method": method, "seconds": seconds,
                    "peak_memory_mb": peak_mb, "resumed": resumed is not None,
@@ -229,7 +238,8 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                     values = [dice[n] for n in names if np.isfinite(dice[n])]
                     row[f"dice_{group}_mean"] = float(np.mean(values)) if values else float("nan")
             errors = {"spect": displacement_error_map_mm(field_spect, series.truth_field_spect[i]),
-                      "ct": displacement_error_map_mm(resample_field(field_ct, grid, ref_g), series.truth_field_ct[i])}
+                      "ct": displacement_error_map_mm(field_spect if one_field else resample_field(field_ct, grid, ref_g),
+                                                      series.truth_field_ct[i])}
             for truth_name, error_map in errors.items():
                 for mask_name, mask in masks.items():
                     e = error_statistics_mm(error_map, mask)
@@ -407,8 +417,7 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
             if not Path(source).is_file():
                 continue
             own = {"model_sha256": file_sha256(source), "device": runner.device,
-                   "spect_offset": method != "corx-no-offset" and runner.models[runner.model_key(method)]
-                   .network.config.architecture == "corx"}
+                   "spect_offset": runner.spect_offset(method)}
             if method == "corx-refine":
                 own["refine_iterations"] = runner.refine_iterations
         out[method] = json.dumps({"method": method, **common, **own}, sort_keys=True)

@@ -91,9 +91,8 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
         return loss
 
     with torch.enable_grad():
-        optimiser.step(closure)
+        before = -float(optimiser.step(closure))      # L-BFGS returns its first evaluation: t = 0
     with torch.no_grad():
-        before = float(lncc_at(torch.zeros_like(t)))
         after = float(lncc_at(t))
     offset = tuple(float(v) for v in t.detach().flatten().cpu())
     size_mm = float(torch.linalg.vector_norm(t.detach())) * spacing_mm
