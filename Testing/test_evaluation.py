@@ -1,5 +1,7 @@
 """Evaluation harness: every column finite on a tiny set; known deformations give known errors."""
+import json
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from CoRXRegistrationLib.evaluation import (MethodRunner, PAIR_COLUMNS, displace
                                             resume_settings, summarise, warped_label_dice)
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
+from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig
 from CoRXRegistrationLib.preprocess import PreprocessConfig
 
 TINY_PREP = PreprocessConfig(grid_size=(32, 32, 32), spacing_mm=15.5)    # small grid: Elastix stays quick
@@ -56,6 +59,10 @@ def test_harness_on_a_tiny_set_fills_every_column(tmp_path):
     assert methods == ["identity", "rigid", "elastix", "elastix-masked", "corx-no-offset", "corx", "corx-refine"]
     settings = resume_settings(runner, "small", TINY_PREP)
     assert set(settings) == set(methods)
+    # a stored field with the offset names the offset fit's settings: new settings, field measured again
+    offset_settings = json.loads(json.dumps(asdict(SpectOffsetConfig())))
+    assert json.loads(settings["corx"])["spect_offset"] == offset_settings
+    assert json.loads(settings["corx-no-offset"])["spect_offset"] is False
     pairs, tia = evaluate_series(small_series, runner, methods, TINY_PREP, "tiny", log=lambda *a: None,
                                  figure_path=tmp_path / "figure.png", resume_dir=tmp_path / "resume",
                                  resume_settings=settings, resume_min_seconds=0.0)

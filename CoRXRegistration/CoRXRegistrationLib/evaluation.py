@@ -14,6 +14,7 @@ against the true TIA.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 from .geometry import displacement_lps_to_voxels
 from .network.metrics import jacobian_determinant, registration_metrics
+from .network.spect_offset import SpectOffsetConfig
 from .network.transform import warp
 from .benchmark import PeakMemory
 from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, normalise_ct, onto_grid
@@ -402,7 +404,8 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
 def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) -> dict:
     """Per method, what its stored field depends on besides its series (JSON): Elastix's on its
     iterations and resolutions, a network's on its model file's hash (and the refinement's iterations),
-    so a new bundled model does not discard hours of stored Elastix fields. A method whose model is not
+    so a new bundled model does not discard hours of stored Elastix fields; with the SPECT/CT offset, on
+    the offset fit's settings too. A method whose model is not
     a file (in memory: nothing identifies it) has no entry, so nothing of it is stored."""
     import json
     from .network.checkpoint import file_sha256
@@ -416,8 +419,8 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
             source = runner.models[runner.model_key(method)].source
             if not Path(source).is_file():
                 continue
-            own = {"model_sha256": file_sha256(source), "device": runner.device,
-                   "spect_offset": runner.spect_offset(method)}
+            offset = asdict(SpectOffsetConfig()) if runner.spect_offset(method) else False   # what register() fits
+            own = {"model_sha256": file_sha256(source), "device": runner.device, "spect_offset": offset}
             if method == "corx-refine":
                 own["refine_iterations"] = runner.refine_iterations
         out[method] = json.dumps({"method": method, **common, **own}, sort_keys=True)
