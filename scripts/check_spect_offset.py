@@ -1,12 +1,10 @@
-"""The SPECT/CT offset on and off, on simulated patients outside the evaluation set.
+"""The SPECT/CT offset on and off, on simulated patients that were not used to choose its settings.
 
 Registers every moving time point of each series to its reference with the bundled model twice
 (``register(..., spect_offset=False)`` and the default) and prints the SPECT-field error against the
 true motion in the body, organs and tumours (mm), the fitted offset (LPS mm) and the means.
 Default: the validation patients of the training recipe (126, 127) and fresh seeds 6000-6002, SNUH
-protocol, clinical preset. These 15 pairs checked the window and uptake level chosen in session 9 and
-chose the coarse-to-fine levels in session 10; the series of `corx evaluate` (seeds 5000-5002, patient15) were
-not used for the levels. Usage (from the repository root, after `make setup`):
+protocol, clinical preset. Usage (from the repository root, after `make setup`):
 
     .venv/bin/python scripts/check_spect_offset.py [--seeds 126 127 6000 6001 6002] [--protocol snuh|smc]
 """
