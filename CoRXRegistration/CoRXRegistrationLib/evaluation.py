@@ -115,7 +115,8 @@ class MethodRunner:
         return method != "corx-no-offset" and self.models[self.model_key(method)].reads_spect
 
     def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
-        """(what the CT follows, what the SPECT follows); one array twice for CT-driven methods."""
+        """(what the CT follows, what the SPECT follows); one array twice for CT-driven methods (every
+        method without the SPECT/CT offset), so the caller converts and stores it once."""
         if method in ("identity", "rigid", "elastix", "elastix-masked"):
             field = self._ct_driven_field(method, fixed, moving, grid, cfg)
             return field, field
@@ -128,6 +129,8 @@ class MethodRunner:
         if not result.grid.same_grid(grid):
             raise ValueError(f"model '{key}' uses another network grid ({result.grid.describe()}) than the "
                              f"evaluation ({grid.describe()}); evaluate models with one preprocessing together")
+        if not self.spect_offset(method):
+            return result.field_network, result.field_network
         return result.field_network, result.field_network_spect
 
     def _ct_driven_field(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig):
@@ -225,7 +228,7 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                 seconds, peak_mb = time.perf_counter() - t0, memory.peak_mb
                 if stored is not None and seconds >= resume_min_seconds:
                     _store_fields(stored, settings, field_ct, field, seconds, peak_mb)
-            one_field = field_ct is field              # CT-driven methods: convert and resample it once
+            one_field = field_ct is field              # CT-driven methods (no offset): convert and resample once
             disp = torch.from_numpy(displacement_lps_to_voxels(field, grid))[None]
             disp_ct = disp if one_field else torch.from_numpy(displacement_lps_to_voxels(field_ct, grid))[None]
             (fct, fsp), (mct, msp) = images[ref], images[i]
