@@ -179,12 +179,13 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
         Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid:
         what the moving SPECT follows, the CT-driven field plus the SPECT/CT offset, recorded in its
-        attribute CoRX.SPECTOffsetMm as LPS mm; apply it to the moving SPECT and what was drawn on it),
+        attribute CoRX.SPECTOffsetMm as LPS mm, plus the cranio-caudal shift of the uptake organs,
+        attribute CoRX.SPECTOrganShiftMmSuperior; apply it to the moving SPECT and what was drawn on it),
         "deformedSPECT" (Bq/mL) and "deformedCT" (HU, CT-driven field, without the offset) on the fixed grids,
         "jacobian" (det of the deformation gradient; <= 0 is folding) and "deformationRGB" (R, G, B =
         left-right, anterior-posterior, inferior-superior displacement; grey = none), plus "result"
         (the library's RegistrationResult with metrics and timings). ``spectOffset``: None fits the
-        SPECT/CT offset when the model reads the SPECT, False never.
+        SPECT/CT offset and organ shift when the model reads the SPECT, False never.
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
@@ -205,6 +206,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         nodes["transform"].SetAttribute("CoRX.FixedSPECT", fixedSPECTNode.GetID())
         nodes["transform"].SetAttribute("CoRX.MovingSPECT", movingSPECTNode.GetID())
         nodes["transform"].SetAttribute("CoRX.SPECTOffsetMm", " ".join(f"{v:.3f}" for v in result.spect_offset_mm))
+        nodes["transform"].SetAttribute("CoRX.SPECTOrganShiftMmSuperior", f"{result.spect_organ_shift_mm:.3f}")
         placeInFolder([v for k, v in nodes.items() if k != "result"], f"CoRX {name}")
         return nodes
 
@@ -233,6 +235,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                          **{f"{k} before": float(v) for k, v in m["identity"].items()},
                          **{f"{k} after": float(v) for k, v in m["registered"].items()},
                          "SPECT/CT offset (mm)": float(np.linalg.norm(nodes["result"].spect_offset_mm)),
+                         "SPECT organ shift (mm, + superior)": float(nodes["result"].spect_organ_shift_mm),
                          "seconds": float(nodes["result"].timings_s["total"])})
         for i in range(len(timesH)):
             registered.append(spectNodes[i] if i == referenceIndex else pairs[timesH[i]]["deformedSPECT"])

@@ -9,7 +9,7 @@ import torch
 
 from CoRXRegistrationLib.benchmark import PeakMemory
 from CoRXRegistrationLib.evaluation import (MethodRunner, PAIR_COLUMNS, displacement_error_mm, evaluate_series,
-                                            resume_settings, summarise, warped_label_dice)
+                                            region_errors_mm, resume_settings, summarise, warped_label_dice)
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
 from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig
@@ -29,6 +29,12 @@ def test_known_deformation_gives_known_error():
     assert e["mean_mm"] == pytest.approx(5.0) and e["p95_mm"] == pytest.approx(5.0) and e["voxels"] == 27
     with pytest.raises(ValueError, match="empty mask"):
         displacement_error_mm(field, truth, np.zeros_like(mask))
+    field[2, :, :, 1] = 16.0                         # one slice: error (-3, 16, 0) -> sqrt(265) mm
+    slab = np.zeros_like(mask)
+    slab[2] = True
+    stats = region_errors_mm(field, truth, {"cube": mask, "slab": slab})
+    assert stats["slab"]["mean_mm"] == pytest.approx(265 ** 0.5) and stats["slab"]["voxels"] == 42
+    assert stats["cube"]["mean_mm"] == pytest.approx((18 * 5.0 + 9 * 265 ** 0.5) / 27)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS is sampled from /proc (Linux)")

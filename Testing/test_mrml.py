@@ -150,6 +150,7 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
                                                  spectOffset=False)      # the SPECT field too is the head's alone
     nodes = out["pairs"][24.0]
     assert nodes["transform"].GetAttribute("CoRX.SPECTOffsetMm") == "0.000 0.000 0.000"
+    assert nodes["transform"].GetAttribute("CoRX.SPECTOrganShiftMmSuperior") == "0.000"
     assert volumeNodeGeometry(nodes["deformedSPECT"]).same_grid(s.spect_geometry[0])
     assert volumeNodeGeometry(nodes["deformedCT"]).same_grid(s.ct_geometry[0])
     assert nodes["deformationRGB"].IsA("vtkMRMLVectorVolumeNode")

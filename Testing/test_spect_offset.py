@@ -8,15 +8,16 @@ import torch
 from CoRXRegistrationLib.engine import register, write_registration
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
-from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig, fit_spect_offset
+from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig, fit_spect_offset, uptake_weight
 from CoRXRegistrationLib.network.transform import warp
-from CoRXRegistrationLib.preprocess import PreprocessConfig
+from CoRXRegistrationLib.preprocess import PreprocessConfig, field_on_native_grid
 
 TINY_PREP = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74)
 SHAPE = (48, 48, 52)
 # organ-sized uptake: (centre (z, y, x) voxels, radius voxels, activity at the fixed time point)
 UPTAKE = [((24, 26, 20), 7.0, 1.0), ((30, 34, 36), 5.0, 0.6), ((16, 18, 34), 4.0, 0.8), ((36, 20, 26), 6.0, 0.3)]
 HALVED = (0.5, 0.5, 0.5, 0.5)                 # every VOI loses half its activity
+TRANSLATION_ONLY = SpectOffsetConfig(organ_shift=False)
 WASHOUT = (0.45, 0.83, 1.0, 0.4)              # each at its own rate; the third (a tumour) keeps it
 
 
@@ -50,16 +51,55 @@ def test_offset_recovers_a_known_spect_ct_mismatch(ct_field):
     mismatch = np.array([1.3, -0.8, 0.6])
     u = torch.tensor(ct_field, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *SHAPE).contiguous()
     moved = tuple(np.add(ct_field, mismatch))
-    halved = fit_spect_offset(spect(), spect(moved, HALVED), u, spacing_mm=4.0)
+    halved = fit_spect_offset(spect(), spect(moved, HALVED), u, spacing_mm=4.0, config=TRANSLATION_ONLY)
     assert halved.applied and halved.reason == ""
     assert np.linalg.norm(np.subtract(halved.offset_voxels, mismatch)) < 0.25
     assert halved.lncc_after > halved.lncc_before and halved.evaluations > 1
-    washout = fit_spect_offset(spect(), spect(moved, WASHOUT), u, spacing_mm=4.0)
+    washout = fit_spect_offset(spect(), spect(moved, WASHOUT), u, spacing_mm=4.0, config=TRANSLATION_ONLY)
     assert washout.applied
     assert np.linalg.norm(np.subtract(washout.offset_voxels, mismatch)) < 0.5 * np.linalg.norm(mismatch)
     # no mismatch: no offset worth the name
-    none = fit_spect_offset(spect(), spect(tuple(ct_field), HALVED), u, spacing_mm=4.0)
+    none = fit_spect_offset(spect(), spect(tuple(ct_field), HALVED), u, spacing_mm=4.0, config=TRANSLATION_ONLY)
     assert np.linalg.norm(none.offset_voxels) < 0.25
+
+
+def body_and_organs() -> torch.Tensor:
+    """The uptake blobs of :func:`spect` inside a body of faint activity (0.12 of the maximum, below the
+    uptake level) with soft edges, so the body and the organs can be told apart."""
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in SHAPE), indexing="ij")
+    r = np.sqrt(((z - 24) / 19) ** 2 + ((y - 25) / 17) ** 2 + ((x - 27) / 21) ** 2)
+    body = torch.from_numpy(0.12 / (1.0 + np.exp((r - 1.0) / 0.06)))[None, None]
+    return torch.maximum(spect(), body)
+
+
+def test_organ_shift_recovers_organs_sliding_against_the_body():
+    """Moving SPECT built from the model itself: the whole image shifted by t and the uptake organs by
+    a further w(p) s along z (breathing), w from the fixed SPECT. The fit recovers t and s; the
+    translation alone cannot, and it leaves a larger error in the organs."""
+    spacing = 4.0
+    fixed = body_and_organs()
+    t, s_mm = torch.tensor([0.6, -0.5, 0.4]), 6.0                  # voxels (z, y, x); mm along +z
+    w = uptake_weight(fixed, SpectOffsetConfig(), spacing)
+    v = t.view(1, 3, 1, 1, 1) + w * torch.tensor([s_mm / spacing, 0.0, 0.0]).view(1, 3, 1, 1, 1)
+    moving = warp(fixed, -v)                       # moving(p + v(p)) = fixed(p) to first order in grad v
+    u = torch.zeros(1, 3, *SHAPE)
+    fit = fit_spect_offset(fixed, moving, u, spacing_mm=spacing, cranio_caudal_voxels=(1 / spacing, 0.0, 0.0))
+    assert fit.applied and fit.organ_note == "" and fit.lncc_after > fit.lncc_before
+    assert fit.organ_shift_mm == pytest.approx(s_mm, abs=1.0)
+    assert np.linalg.norm(np.subtract(fit.offset_voxels, t.numpy())) < 0.25
+    assert fit.organ_weight.shape == fixed.shape and float(fit.organ_weight.max()) == pytest.approx(1.0)
+    alone = fit_spect_offset(fixed, moving, u, spacing_mm=spacing, config=TRANSLATION_ONLY)
+    assert alone.organ_weight is None and alone.organ_shift_mm == 0.0
+    organs = fixed > SpectOffsetConfig().uptake_level
+    found = torch.tensor(fit.offset_voxels).view(1, 3, 1, 1, 1) + fit.organ_displacement((1 / spacing, 0.0, 0.0))
+    error = (found - v).norm(dim=1, keepdim=True)[organs].mean()
+    error_alone = (torch.tensor(alone.offset_voxels).view(1, 3, 1, 1, 1) - v).norm(dim=1, keepdim=True)[organs].mean()
+    assert error < 0.25 * error_alone
+    # an organ shift beyond its limit is dropped and the translation fitted alone, with a note why
+    capped = fit_spect_offset(fixed, moving, u, spacing_mm=spacing, cranio_caudal_voxels=(1 / spacing, 0.0, 0.0),
+                              config=SpectOffsetConfig(max_organ_shift_mm=2.0))
+    assert capped.applied and capped.organ_shift_mm == 0.0 and "exceeds 2 mm" in capped.organ_note
+    assert capped.offset_voxels == pytest.approx(alone.offset_voxels)
 
 
 def test_offset_is_refused_without_uptake_and_beyond_its_limit():
@@ -95,12 +135,19 @@ def test_register_moves_the_spect_by_the_offset_and_the_ct_without_it(small_seri
     # the CT follows the same field either way; the SPECT follows it plus the offset, on every grid
     np.testing.assert_allclose(with_offset.field_network, without.field_network, atol=1e-5)
     np.testing.assert_allclose(with_offset.field_ct, without.field_ct, atol=1e-5)
+    added = np.broadcast_to(offset, with_offset.field_network.shape).copy()
+    added[..., 2] += with_offset.spect_organ_shift_mm * with_offset.spect_organ_weight     # along LPS +z
+    np.testing.assert_allclose(with_offset.field_network_spect - with_offset.field_network, added, atol=1e-5)
     np.testing.assert_allclose(with_offset.field_spect - without.field_spect,
-                               np.broadcast_to(offset, without.field_spect.shape), atol=1e-3)
+                               field_on_native_grid(added, with_offset.grid, fixed.spect_geometry), atol=1e-3)
+    w = with_offset.spect_organ_weight
+    assert w.shape == with_offset.grid.shape and 0.0 <= w.min() and w.max() == pytest.approx(1.0)
+    assert without.spect_organ_weight is None and without.spect_organ_shift_mm == 0.0
     np.testing.assert_allclose(with_offset.warped_ct, without.warped_ct, atol=1e-3)
     assert with_offset.metrics["registered"]["ct_ssim"] == pytest.approx(without.metrics["registered"]["ct_ssim"])
     summary = json.loads(open(write_registration(with_offset, tmp_path / "reg")["metrics"]).read())
     np.testing.assert_allclose(summary["spect_offset_mm_lps"], offset, atol=1e-3)
+    assert summary["spect_organ_shift_mm_superior"] == pytest.approx(with_offset.spect_organ_shift_mm, abs=1e-3)
 
 
 def test_ct_only_model_fits_no_offset_and_refuses_to_be_asked(small_series, tiny_models):

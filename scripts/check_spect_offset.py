@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "CoRXRegistration"), str(ROOT / "TIAMapping")]
 
 from CoRXRegistrationLib.engine import load_model, register  # noqa: E402
-from CoRXRegistrationLib.evaluation import (PROTOCOL_SITES, displacement_error_map_mm,  # noqa: E402
-                                            error_statistics_mm, truth_masks)
+from CoRXRegistrationLib.evaluation import PROTOCOL_SITES, region_errors_mm, truth_masks  # noqa: E402
 from CoRXRegistrationLib.resample import resample_field  # noqa: E402
 from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series  # noqa: E402
 
@@ -47,9 +46,8 @@ def main() -> int:
                 r = register(sessions[ref], sessions[i], model=model, native_outputs=False, qa_metrics=False,
                              spect_offset=offset)
                 field = resample_field(r.field_network_spect, r.grid, series.reference_spect_geometry)
-                error = displacement_error_map_mm(field, series.truth_field_spect[i])
-                errors.append([error_statistics_mm(error, masks[k])["mean_mm"] if k in masks else np.nan
-                               for k in REGIONS])
+                stats = region_errors_mm(field, series.truth_field_spect[i], masks)
+                errors.append([stats[k]["mean_mm"] if k in stats else np.nan for k in REGIONS])
             rows.append(errors)
             cells = [" / ".join(f"{v:.2f}" for v in e) for e in errors]
             print(f"| {seed} | {hours:g} | {cells[0]} | {cells[1]} | "

@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     r.add_argument("--refine", type=int, default=0, help="instance-optimisation iterations after the network")
     r.add_argument("--no-spect-offset", action="store_true",
-                   help="do not fit the SPECT/CT offset: the SPECT follows the CT-driven field exactly")
+                   help="do not fit the SPECT/CT offset and organ shift: the SPECT follows the CT-driven field "
+                        "exactly")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=_cmd_register)
 

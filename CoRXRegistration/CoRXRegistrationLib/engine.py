@@ -100,12 +100,15 @@ def select_device(requested: str = "auto") -> tuple:
 class RegistrationResult:
     """All outputs of one pair. Fields are (Z, Y, X, 3) LPS mm, resampling convention.
     ``field_network`` is CT-driven (rigid + network + refinement); the SPECT follows it plus
-    ``spect_offset_mm`` (``field_network_spect``)."""
+    ``spect_offset_mm`` plus the organ shift ``spect_organ_weight * spect_organ_shift_mm`` along LPS +z
+    (``field_network_spect``; :mod:`network.spect_offset`)."""
     grid: Geometry                        # network grid
     field_network: np.ndarray             # on ``grid``, what the CT follows
     fixed_spect_geometry: Geometry
     fixed_ct_geometry: Geometry
     spect_offset_mm: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float32))   # LPS (x, y, z)
+    spect_organ_shift_mm: float = 0.0      # cranio-caudal, + = superior (LPS +z), where the weight is 1
+    spect_organ_weight: np.ndarray | None = None   # (Z, Y, X) in [0, 1] on ``grid``
     field_spect: np.ndarray | None = None  # on the fixed SPECT grid, with the SPECT/CT offset
     field_ct: np.ndarray | None = None     # on the fixed CT grid, without it
     warped_spect: np.ndarray | None = None  # Bq/mL on the fixed SPECT grid
@@ -118,8 +121,12 @@ class RegistrationResult:
 
     @property
     def field_network_spect(self) -> np.ndarray:
-        """What the SPECT follows on the network grid: the CT-driven field plus the SPECT/CT offset."""
-        return self.field_network + np.asarray(self.spect_offset_mm, np.float32)
+        """What the SPECT follows on the network grid: the CT-driven field plus the SPECT/CT offset
+        plus the organ shift."""
+        out = self.field_network + np.asarray(self.spect_offset_mm, np.float32)
+        if self.spect_organ_weight is not None and self.spect_organ_shift_mm != 0.0:
+            out[..., 2] += np.float32(self.spect_organ_shift_mm) * self.spect_organ_weight
+        return out
 
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
@@ -163,12 +170,15 @@ def refine_displacement(displacement, fixed_ct, moving_ct, fixed_spect, moving_s
 
 
 def spect_offset_note(fit, mm: np.ndarray) -> str:
-    """One line for the user: the SPECT/CT offset ``mm`` (LPS) of ``fit``, or why none was applied."""
+    """One line for the user: the SPECT/CT offset ``mm`` (LPS) and organ shift of ``fit``, or why none
+    was applied."""
     if not fit.applied:
         return f"SPECT/CT offset not applied: {fit.reason}"
+    organ = (f"; uptake organs shifted {fit.organ_shift_mm:+.2f} mm cranio-caudally (LPS z)"
+             if fit.organ_weight is not None else "")
     return (f"SPECT/CT offset (moving SPECT against its CT-driven field) ({mm[0]:+.2f}, {mm[1]:+.2f}, "
-            f"{mm[2]:+.2f}) mm LPS, {np.linalg.norm(mm):.2f} mm; SPECT LNCC over the uptake box "
-            f"{fit.lncc_before:.4f} -> {fit.lncc_after:.4f}")
+            f"{mm[2]:+.2f}) mm LPS, {np.linalg.norm(mm):.2f} mm{organ}; SPECT LNCC over the uptake box "
+            f"{fit.lncc_before:.4f} -> {fit.lncc_after:.4f}" + (f"; {fit.organ_note}" if fit.organ_note else ""))
 
 
 def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
@@ -199,6 +209,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
                          f"is CT-only")
     report(0.02, "preprocessing")
     grid = network_grid(fixed, cfg)
+    cranio_caudal = displacement_lps_to_voxels(np.array([[[[0.0, 0.0, 1.0]]]], np.float32), grid).reshape(3)
     raw = [onto_grid(s, grid, cfg) for s in (fixed, moving)]
     inputs = [(normalise_ct(ct, cfg), normalise_spect(sp, cfg)) for ct, sp in raw]
     timings["preprocess"] = time.perf_counter() - t0
@@ -228,7 +239,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         check_cancel("before the SPECT/CT offset")
         t = time.perf_counter()
         report(0.8, "SPECT/CT offset")
-        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]))
+        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), cranio_caudal_voxels=cranio_caudal)
         timings["spect_offset"] = time.perf_counter() - t
         return disp, fit
 
@@ -247,9 +258,15 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     disp_cpu = displacement.detach().float().cpu()
     offset_voxels = torch.zeros(3) if offset_fit is None else torch.tensor(offset_fit.offset_voxels)
     offset_mm = displacement_voxels_to_lps(offset_voxels.numpy().reshape(3, 1, 1, 1), grid).reshape(3)
+    organ_mm, organ_weight = 0.0, None
     if offset_fit is not None:
         notes.append(spect_offset_note(offset_fit, offset_mm))
+        organ_mm = offset_fit.organ_shift_mm
+        if offset_fit.organ_weight is not None:
+            organ_weight = offset_fit.organ_weight[0, 0].detach().float().cpu().numpy()
     disp_spect = disp_cpu + offset_voxels.view(1, 3, 1, 1, 1)
+    if offset_fit is not None:
+        disp_spect = disp_spect + torch.as_tensor(offset_fit.organ_displacement(cranio_caudal)).float().cpu()
     metrics = {}
     if qa_metrics:
         (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
@@ -258,7 +275,8 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         timings["metrics"] = time.perf_counter() - t
     field_network = displacement_voxels_to_lps(disp_cpu[0].numpy(), grid)
     result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry,
-                                spect_offset_mm=offset_mm, metrics=metrics, timings_s=timings,
+                                spect_offset_mm=offset_mm, spect_organ_shift_mm=organ_mm,
+                                spect_organ_weight=organ_weight, metrics=metrics, timings_s=timings,
                                 device=str(torch_device), notes=notes)
     if native_outputs:
         check_cancel("before native-resolution outputs")
@@ -311,11 +329,13 @@ def write_registration(result: RegistrationResult, out_dir, protected=(), overwr
     summary = {"metrics": result.metrics, "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                "device": result.device, "notes": result.notes, "network_grid": result.grid.to_dict(),
                "spect_offset_mm_lps": [round(float(v), 3) for v in result.spect_offset_mm],
+               "spect_organ_shift_mm_superior": round(float(result.spect_organ_shift_mm), 3),
                "jacobian_nonpositive_percent_spect_grid":
                    None if result.jacobian_spect is None else float(100.0 * np.mean(result.jacobian_spect <= 0)),
                "units": {"fields": "mm, LPS, resampling (fixed point -> moving point)", "warped_spect": "Bq/mL",
                          "warped_ct": "HU"},
-               "fields": {"field_spect": "what the SPECT follows: CT-driven field + SPECT/CT offset",
+               "fields": {"field_spect": "what the SPECT follows: CT-driven field + SPECT/CT offset + "
+                                         "organ shift (uptake weight x shift, along LPS z)",
                           "field_network": "CT-driven field on the network grid (without the SPECT/CT offset)"}}
     files["metrics"].write_text(json.dumps(summary, indent=2))
     return {k: str(v) for k, v in files.items() if v.exists()}

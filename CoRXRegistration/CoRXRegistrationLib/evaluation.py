@@ -56,6 +56,12 @@ def displacement_error_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, ma
     return error_statistics_mm(displacement_error_map_mm(field_lps_mm, truth_lps_mm), mask)
 
 
+def region_errors_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray, masks: dict) -> dict:
+    """|u - u_true| (mm) in each mask: name -> :func:`error_statistics_mm`; both fields on one grid."""
+    error = displacement_error_map_mm(field_lps_mm, truth_lps_mm)
+    return {name: error_statistics_mm(error, mask) for name, mask in masks.items()}
+
+
 def truth_masks(series) -> dict:
     """Body, organ and tumour masks on the reference SPECT grid."""
     vois = series.phantom.voi_labels()
@@ -205,7 +211,7 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
     images = [_metric_tensors(s, grid, cfg) for s in sessions]
     masks = truth_masks(series)
     segments = voi_segments(series)
-    present_vois = {name: mask for name, mask in segments.items() if mask.any()}
+    voi_masks = {VOI_ERROR + name: mask for name, mask in segments.items() if mask.any()}   # row keys, VOIs present
     patient = f"{series.config.anatomy}-{series.config.seed}"
     pair_rows, tia_rows = [], []
     shown = max(i for i in range(len(sessions)) if i != ref)
@@ -242,16 +248,15 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                                      ("tumours", [n for n in dice if n.startswith("tumour")])):
                     values = [dice[n] for n in names if np.isfinite(dice[n])]
                     row[f"dice_{group}_mean"] = float(np.mean(values)) if values else float("nan")
-            errors = {"spect": displacement_error_map_mm(field_spect, series.truth_field_spect[i]),
-                      "ct": displacement_error_map_mm(field_spect if one_field else resample_field(field_ct, grid, ref_g),
-                                                      series.truth_field_ct[i])}
-            for truth_name, error_map in errors.items():
-                for mask_name, mask in masks.items():
-                    e = error_statistics_mm(error_map, mask)
-                    row[f"{truth_name}_error_{mask_name}_mean_mm"] = e["mean_mm"]
-                    row[f"{truth_name}_error_{mask_name}_p95_mm"] = e["p95_mm"]
-            for name, mask in present_vois.items():  # per VOI: where a method gains or loses against rigid
-                row[f"{VOI_ERROR}{name}_mean_mm"] = error_statistics_mm(errors["spect"], mask)["mean_mm"]
+            field_ct_ref = field_spect if one_field else resample_field(field_ct, grid, ref_g)
+            errors = {"spect": region_errors_mm(field_spect, series.truth_field_spect[i], masks | voi_masks),
+                      "ct": region_errors_mm(field_ct_ref, series.truth_field_ct[i], masks)}
+            for truth_name, stats in errors.items():
+                for mask_name in masks:
+                    row[f"{truth_name}_error_{mask_name}_mean_mm"] = stats[mask_name]["mean_mm"]
+                    row[f"{truth_name}_error_{mask_name}_p95_mm"] = stats[mask_name]["p95_mm"]
+            for name in voi_masks:                   # per VOI: where a method gains or loses against rigid
+                row[name + "_mean_mm"] = errors["spect"][name]["mean_mm"]
             pair_rows.append(row)
             aligned.append(resample(np.clip(series.spect[i], 0, None), series.spect_geometry[i], ref_g,
                                     displacement=field_spect))

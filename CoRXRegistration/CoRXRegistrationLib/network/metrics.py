@@ -87,6 +87,13 @@ def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def gaussian_blur(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, Z, Y, X), SD in voxels, kernel to 3 SD, edges replicated."""
+    t = _as5d(x)
+    size = 2 * math.ceil(3.0 * sigma_voxels) + 1
+    return _separable_blur(t, _gaussian_kernel(size, sigma_voxels, t.dtype, t.device))
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int = 11,
          sigma: float = 1.5) -> torch.Tensor:
     """Mean 3D SSIM per sample, shape (B,)."""

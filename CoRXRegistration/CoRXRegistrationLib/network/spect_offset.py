@@ -1,4 +1,5 @@
-"""SPECT/CT offset: the translation between the moving SPECT and the field its CT gives.
+"""SPECT/CT offset: the translation between the moving SPECT and the field its CT gives, and the
+cranio-caudal shift of the uptake organs that the CT-driven field missed.
 
 Within one session the SPECT and the CT are not perfectly registered: the patient moves between the
 two acquisitions (or the couch sags) and the SPECT averages many breaths. The mismatch is mostly a
@@ -6,21 +7,29 @@ translation of a few mm, and it differs from session to session, so a field that
 exactly still misplaces the moving SPECT by the difference of the two sessions' mismatches. A
 CT-driven method cannot see it; the SPECT can.
 
-The fit: one translation t (voxels of the network grid, channels (z, y, x)) added to the CT-driven
-displacement u, maximising the local squared NCC (9^3 box) between the fixed SPECT and the moving
-SPECT sampled at p + u(p) + t, over the box around the fixed SPECT's uptake (normalised SPECT above
-``uptake_level``). Three parameters cannot turn activity change (washout, bladder filling) into
-motion the way a deformable SPECT term can. L-BFGS with a strong-Wolfe line search, deterministic.
-A fit larger than ``max_offset_mm`` or one that does not raise the LNCC is not applied.
+Breathing moves the abdominal organs cranio-caudally against the chest wall, spine and pelvis. The
+CT shows that sliding poorly (soft tissue against soft tissue) and a smooth field follows it poorly,
+so the CT-driven field leaves most organs shifted along z by a few mm. The SPECT shows the organs.
+
+The fit: one translation t (voxels of the network grid, channels (z, y, x)) plus one cranio-caudal
+shift s (mm along LPS +z) carried by the uptake weight w (the fixed SPECT's uptake mask, blurred by a
+Gaussian of ``organ_sigma_mm`` and scaled to a maximum of 1), added to the CT-driven displacement u:
+the moving SPECT is sampled at p + u(p) + t + w(p) s c, c = +1 mm along z in voxels. It maximises the
+local squared NCC (9^3 box) between the fixed SPECT and that sample over the box around the fixed
+SPECT's uptake (normalised SPECT above ``uptake_level``). Four parameters cannot turn activity change
+(washout, bladder filling) into motion the way a deformable SPECT term can. L-BFGS with a
+strong-Wolfe line search, deterministic. A fit that does not raise the LNCC is not applied; a
+translation larger than ``max_offset_mm`` is not applied; an organ shift larger than
+``max_organ_shift_mm`` is dropped and the translation fitted alone.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .metrics import local_cc_squared
+from .metrics import gaussian_blur, local_cc_squared
 from .transform import warp
 
 
@@ -29,12 +38,18 @@ class SpectOffsetConfig:
     """window: LNCC box (voxels); uptake_level: on the normalised fixed SPECT ([0, 1]); the fit region
     is the bounding box of the voxels above it, grown by half a window plus ``margin_voxels``;
     max_iterations: L-BFGS iterations; max_offset_mm: larger fits are rejected (the simulated and the
-    usual clinical SPECT/CT mismatch is below 1 cm per session)."""
+    usual clinical SPECT/CT mismatch is below 1 cm per session); organ_shift: fit the cranio-caudal
+    shift of the uptake organs too; organ_sigma_mm: SD of the Gaussian that spreads the uptake mask into
+    the weight w (4 voxels of the bundled 3.87 mm grid); max_organ_shift_mm: larger organ shifts are
+    dropped (breathing moves the organs by up to about 2 cm)."""
     window: int = 9
     uptake_level: float = 0.3
     margin_voxels: int = 2
     max_iterations: int = 15
     max_offset_mm: float = 15.0
+    organ_shift: bool = True
+    organ_sigma_mm: float = 15.5
+    max_organ_shift_mm: float = 20.0
 
 
 @dataclass
@@ -45,6 +60,16 @@ class SpectOffsetFit:
     lncc_before: float = float("nan")
     lncc_after: float = float("nan")
     evaluations: int = 0
+    organ_shift_mm: float = 0.0   # along LPS +z where the organ weight is 1; 0 when not fitted or dropped
+    organ_weight: torch.Tensor | None = None    # (1, 1, Z, Y, X) in [0, 1] on the network grid
+    organ_note: str = ""          # why the organ shift was dropped ("" otherwise)
+
+    def organ_displacement(self, cranio_caudal_voxels) -> torch.Tensor | float:
+        """w(p) s c: the organ shift as a displacement (1, 3, Z, Y, X) in voxels, or 0.0 without one."""
+        if self.organ_weight is None or self.organ_shift_mm == 0.0:
+            return 0.0
+        c = torch.as_tensor(cranio_caudal_voxels, dtype=self.organ_weight.dtype, device=self.organ_weight.device)
+        return self.organ_weight * (self.organ_shift_mm * c.view(1, 3, 1, 1, 1))
 
 
 def _uptake_box(fixed_spect: torch.Tensor, config: SpectOffsetConfig):
@@ -58,11 +83,21 @@ def _uptake_box(fixed_spect: torch.Tensor, config: SpectOffsetConfig):
     return tuple(lo), (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
+def uptake_weight(fixed_spect: torch.Tensor, config: SpectOffsetConfig, spacing_mm: float) -> torch.Tensor:
+    """w: the fixed SPECT's uptake mask (normalised SPECT above ``uptake_level``) blurred by a Gaussian
+    of ``organ_sigma_mm`` and scaled to a maximum of 1; (1, 1, Z, Y, X)."""
+    w = gaussian_blur((fixed_spect.detach() > config.uptake_level).to(fixed_spect.dtype),
+                      config.organ_sigma_mm / spacing_mm)
+    return w / w.max().clamp_min(1e-12)
+
+
 def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, displacement: torch.Tensor,
-                     spacing_mm: float, config: SpectOffsetConfig = SpectOffsetConfig()) -> SpectOffsetFit:
-    """Fit the translation (see module docstring). Images (1, 1, Z, Y, X) normalised as the network's
-    inputs, ``displacement`` (1, 3, Z, Y, X) voxels of the same grid (resampling convention);
-    ``spacing_mm``: the grid's isotropic voxel size, for the ``max_offset_mm`` check."""
+                     spacing_mm: float, config: SpectOffsetConfig = SpectOffsetConfig(),
+                     cranio_caudal_voxels=(1.0, 0.0, 0.0)) -> SpectOffsetFit:
+    """Fit the translation and the organ shift (see module docstring). Images (1, 1, Z, Y, X) normalised
+    as the network's inputs, ``displacement`` (1, 3, Z, Y, X) voxels of the same grid (resampling
+    convention); ``spacing_mm``: the grid's isotropic voxel size; ``cranio_caudal_voxels``: +1 mm along
+    LPS z as a displacement in voxels, channels (z, y, x) (the default: an axial grid of 1 mm voxels)."""
     if fixed_spect.shape[0] != 1 or displacement.shape[0] != 1:
         raise ValueError("the SPECT/CT offset is fitted one pair at a time (batch 1)")
     zero = (0.0, 0.0, 0.0)
@@ -74,35 +109,51 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
     fixed = fixed_spect[region].detach()
     field = displacement[region].detach()
     moving = moving_spect.detach()
+    weight = uptake_weight(fixed_spect, config, spacing_mm) if config.organ_shift else None
+    per_mm = torch.as_tensor(cranio_caudal_voxels, dtype=field.dtype, device=field.device).view(1, 3, 1, 1, 1)
+    voxels_per_mm = float(torch.linalg.vector_norm(per_mm))
+    along = per_mm / voxels_per_mm          # unit vector: s is fitted in voxels, as t is
 
-    def lncc_at(t):
-        return local_cc_squared(fixed, warp(moving, field + t, origin=origin), config.window).mean()
+    def lncc_at(t, s):
+        moved = field + t if weight is None else field + t + weight[region] * (s * along)
+        return local_cc_squared(fixed, warp(moving, moved, origin=origin), config.window).mean()
 
     t = torch.zeros(1, 3, 1, 1, 1, dtype=field.dtype, device=field.device, requires_grad=True)
-    optimiser = torch.optim.LBFGS([t], lr=1.0, max_iter=config.max_iterations, line_search_fn="strong_wolfe")
+    s = torch.zeros((), dtype=field.dtype, device=field.device, requires_grad=True)
+    optimiser = torch.optim.LBFGS([t, s] if weight is not None else [t], lr=1.0, max_iter=config.max_iterations,
+                                  line_search_fn="strong_wolfe")
     evaluations = 0
 
     def closure():
         nonlocal evaluations
         evaluations += 1
         optimiser.zero_grad()
-        loss = -lncc_at(t)
+        loss = -lncc_at(t, s)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         before = -float(optimiser.step(closure).detach())      # L-BFGS returns its first evaluation: t = 0
     with torch.no_grad():
-        after = float(lncc_at(t))
+        after = float(lncc_at(t, s))
     offset = tuple(float(v) for v in t.detach().flatten().cpu())
     size_mm = float(torch.linalg.vector_norm(t.detach())) * spacing_mm
-    fit = SpectOffsetFit(offset, True, "", before, after, evaluations)
-    if not torch.isfinite(t).all() or not math.isfinite(after):
-        fit.offset_voxels, fit.applied, fit.reason = zero, False, "the fit did not converge (non-finite values)"
+    organ_mm = float(s.detach()) / voxels_per_mm
+    if weight is not None and math.isfinite(organ_mm) and abs(organ_mm) > config.max_organ_shift_mm:
+        alone = fit_spect_offset(fixed_spect, moving_spect, displacement, spacing_mm,
+                                 replace(config, organ_shift=False), cranio_caudal_voxels)
+        alone.organ_note = (f"organ shift not applied: the fitted {organ_mm:+.1f} mm exceeds "
+                            f"{config.max_organ_shift_mm:g} mm; the translation was fitted alone")
+        return alone
+    fit = SpectOffsetFit(offset, True, "", before, after, evaluations,
+                         organ_mm if weight is not None else 0.0, weight)
+    if not torch.isfinite(t).all() or not math.isfinite(after) or not math.isfinite(organ_mm):
+        fit.reason = "the fit did not converge (non-finite values)"
     elif size_mm > config.max_offset_mm:
-        fit.offset_voxels, fit.applied = zero, False
         fit.reason = (f"the fitted offset ({size_mm:.1f} mm) exceeds {config.max_offset_mm:g} mm; it is more likely "
                       f"activity change than SPECT/CT mismatch")
     elif after <= before:
-        fit.offset_voxels, fit.applied, fit.reason = zero, False, "no offset raises the SPECT LNCC"
+        fit.reason = "no offset raises the SPECT LNCC"
+    if fit.reason:
+        fit.offset_voxels, fit.applied, fit.organ_shift_mm = zero, False, 0.0
     return fit

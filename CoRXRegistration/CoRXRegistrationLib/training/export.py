@@ -126,7 +126,8 @@ def model_card_markdown(card: dict) -> str:
              "the network corrects what is left)" if card['preprocess'].get('prealign', 'none') != 'none' else
              "- Pre-alignment: none",
              *(["- SPECT/CT offset (at registration, after the network; fitted, not learned): one translation of the "
-                "moving SPECT against the field its CT gives, maximising SPECT LNCC over the uptake "
+                "moving SPECT against the field its CT gives plus one cranio-caudal shift of the uptake organs "
+                "(breathing the CT-driven field missed), maximising SPECT LNCC over the uptake "
                 "(`network/spect_offset.py`); `corx register --no-spect-offset` or `spect_offset=False` leaves it out"]
                if cfg["architecture"] == "corx" else []),
              f"- Parameters: {card['parameters']:,}",
