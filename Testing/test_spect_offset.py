@@ -143,6 +143,11 @@ def test_register_moves_the_spect_by_the_offset_and_the_ct_without_it(small_seri
     w = with_offset.spect_organ_weight
     assert w.shape == with_offset.grid.shape and 0.0 <= w.min() and w.max() == pytest.approx(1.0)
     assert without.spect_organ_weight is None and without.spect_organ_shift_mm == 0.0
+    translation = register(fixed, moving, model=tiny_models["corx"], device="cpu", native_outputs=False,
+                           qa_metrics=False, spect_offset_config=TRANSLATION_ONLY)
+    assert translation.spect_organ_weight is None and translation.spect_organ_shift_mm == 0.0
+    np.testing.assert_allclose(translation.field_network_spect - translation.field_network,
+                               np.broadcast_to(translation.spect_offset_mm, added.shape), atol=1e-5)
     np.testing.assert_allclose(with_offset.warped_ct, without.warped_ct, atol=1e-3)
     assert with_offset.metrics["registered"]["ct_ssim"] == pytest.approx(without.metrics["registered"]["ct_ssim"])
     summary = json.loads(open(write_registration(with_offset, tmp_path / "reg")["metrics"]).read())

@@ -5,10 +5,11 @@ first fits the moving CT rigidly to the fixed CT where the model was trained tha
 (``PreprocessConfig.prealign``), then runs the network on the pre-aligned pair. For a model that
 reads the SPECT (CoRX), it then fits the SPECT/CT offset (:mod:`network.spect_offset`): one
 translation of the moving SPECT against the field its CT gives, since within a session SPECT and CT
-are not exactly registered. It returns the total displacement field in LPS mm (resampling
+are not exactly registered, plus one cranio-caudal shift of the uptake organs (breathing the
+CT-driven field missed). It returns the total displacement field in LPS mm (resampling
 convention: fixed point p maps to the moving point p + u(p)) on the network grid and on the native
-fixed SPECT and CT grids (the SPECT field includes the offset, the CT field does not), the moving CT
-and SPECT warped onto the native fixed grids, a Jacobian-determinant map and the paper's metrics
+fixed SPECT and CT grids (the SPECT field includes the offset and organ shift, the CT field does
+not), the moving CT and SPECT warped onto the native fixed grids, a Jacobian-determinant map and the paper's metrics
 before and after registration. The SPECT warp samples concentration (Bq/mL); it does not
 modulate by the Jacobian, so activity in a VOI is preserved up to interpolation where the
 deformation is locally volume-preserving.
@@ -28,7 +29,7 @@ from .network.losses import LossWeights, registration_loss
 from .network.metrics import jacobian_determinant, registration_metrics
 from .network.networks import RegistrationNetwork
 from .network.rigid import prealign_moving
-from .network.spect_offset import fit_spect_offset
+from .network.spect_offset import SpectOffsetConfig, fit_spect_offset
 from .network.transform import compose, integrate_velocity, warp
 from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
                          normalise_ct, normalise_spect, onto_grid)
@@ -183,11 +184,13 @@ def spect_offset_note(fit, mm: np.ndarray) -> str:
 
 def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
              progress=None, cancel=None, native_outputs: bool = True, qa_metrics: bool = True,
-             spect_offset: bool | None = None) -> RegistrationResult:
+             spect_offset: bool | None = None, spect_offset_config: SpectOffsetConfig = SpectOffsetConfig()
+             ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (see module docstring). ``progress(fraction, text)`` and
     ``cancel() -> bool`` are optional callbacks; cancelling raises RegistrationCancelled.
     ``qa_metrics=False`` skips the paper's metrics before/after (about 2.7 s of SSIM on 2 CPU cores).
-    ``spect_offset``: fit the SPECT/CT offset; None = when the model reads the SPECT (CoRX, not TransMorph)."""
+    ``spect_offset``: fit the SPECT/CT offset; None = when the model reads the SPECT (CoRX, not TransMorph);
+    ``spect_offset_config``: the fit's settings (``SpectOffsetConfig(organ_shift=False)``: translation only)."""
     report = progress or (lambda f, t="": None)
     timings, notes = {}, []
 
@@ -239,7 +242,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         check_cancel("before the SPECT/CT offset")
         t = time.perf_counter()
         report(0.8, "SPECT/CT offset")
-        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), cranio_caudal_voxels=cranio_caudal)
+        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), spect_offset_config, cranio_caudal)
         timings["spect_offset"] = time.perf_counter() - t
         return disp, fit
 
