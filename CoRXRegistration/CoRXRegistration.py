@@ -174,7 +174,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
                      device="auto", refineIterations=0, progress=None, cancel=None, name="moving",
-                     spectOffset=None):
+                     spectOffset=None, spectOrganShift=True):
         """Register the moving SPECT/CT onto the fixed one with CoRX.
 
         Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid:
@@ -185,15 +185,18 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         "jacobian" (det of the deformation gradient; <= 0 is folding) and "deformationRGB" (R, G, B =
         left-right, anterior-posterior, inferior-superior displacement; grey = none), plus "result"
         (the library's RegistrationResult with metrics and timings). ``spectOffset``: None fits the
-        SPECT/CT offset and organ shift when the model reads the SPECT, False never.
+        SPECT/CT offset and organ shift when the model reads the SPECT, False never;
+        ``spectOrganShift=False`` fits the translation only.
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
+        from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig
 
         fixed = sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
         moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
         result = register(fixed, moving, model=model, device=device, refine_iterations=refineIterations,
-                          progress=progress, cancel=cancel, spect_offset=spectOffset)
+                          progress=progress, cancel=cancel, spect_offset=spectOffset,
+                          spect_offset_config=SpectOffsetConfig(organ_shift=spectOrganShift))
         g_spect, g_ct = result.fixed_spect_geometry, result.fixed_ct_geometry
         nodes = {"transform": gridTransformNodeFromField(result.field_spect, g_spect, f"CoRX transform {name}"),
                  "deformedSPECT": addVolumeNode(result.warped_spect, g_spect, f"SPECT {name} deformed"),
@@ -211,7 +214,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         return nodes
 
     def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",
-                       refineIterations=0, progress=None, cancel=None, spectOffset=None):
+                       refineIterations=0, progress=None, cancel=None, spectOffset=None, spectOrganShift=True):
         """Register every time point to ``referenceIndex``. Returns {"pairs": {hours: nodes},
         "qaTable": table node with the paper's metrics per pair, "registeredSPECT": SPECT node per time
         point on the reference SPECT grid (the reference's own node for the reference)}."""
@@ -228,7 +231,8 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
             nodes = self.registerPair(ctNodes[referenceIndex], spectNodes[referenceIndex], ctNodes[i],
                                       spectNodes[i], model=loaded, device=device,
                                       refineIterations=refineIterations, progress=sub, cancel=cancel,
-                                      name=f"{timesH[i]:g}h", spectOffset=spectOffset)
+                                      name=f"{timesH[i]:g}h", spectOffset=spectOffset,
+                                      spectOrganShift=spectOrganShift)
             pairs[timesH[i]] = nodes
             m = nodes["result"].metrics
             rows.append({"moving (h)": f"{timesH[i]:g}", "fixed (h)": f"{timesH[referenceIndex]:g}",

@@ -129,6 +129,12 @@ def test_corx_register_command_and_model_info(small_series_dir, tiny_model, tmp_
     assert corx_main(args) == 0
     out = capsys.readouterr().out
     assert "registered:" in out and (tmp_path / "out" / "field_spect.nrrd").is_file()
+    assert "spect_organ_shift_mm_superior" in json.loads((tmp_path / "out" / "metrics.json").read_text())
+    translation = args.copy()
+    translation[translation.index("--out") + 1] = str(tmp_path / "translation")
+    assert corx_main(translation + ["--no-organ-shift"]) == 0
+    summary = json.loads((tmp_path / "translation" / "metrics.json").read_text())
+    assert summary["spect_organ_shift_mm_superior"] == 0.0 and "organ" not in capsys.readouterr().out
     assert corx_main(args) == 2                      # refuses to overwrite without --overwrite
     bad = args.copy()
     bad[bad.index("--model") + 1] = str(tmp_path / "nope.pt")

@@ -177,6 +177,11 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
     assert int(nodes["jacobian"].GetAttribute("CoRX.FoldedVoxels")) == int((jac <= 0).sum())
     colors = slicer.mrmlScene.GetNodeByID(nodes["jacobian"].GetDisplayNode().GetColorNodeID())
     assert colors.GetName().startswith("CoRX Jacobian") and colors.GetNumberOfColors() == 256
+    # the SPECT-driven fit, translation only: the organ shift stays 0 on the transform and in the QA table
+    fitted = CoRXRegistrationLogic().registerSeries(cts[:2], spects[:2], [4.0, 24.0], 0, model=str(model),
+                                                    device="cpu", spectOrganShift=False)
+    assert fitted["pairs"][24.0]["transform"].GetAttribute("CoRX.SPECTOrganShiftMmSuperior") == "0.000"
+    assert fitted["qaTable"].GetTable().GetColumnByName("SPECT organ shift (mm, + superior)").GetValue(0) == 0.0
 
 
 def test_series_from_dicom_headers_of_volume_nodes(mrml_scene, tmp_path):

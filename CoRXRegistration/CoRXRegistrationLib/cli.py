@@ -95,8 +95,11 @@ def _cmd_register(args) -> int:
 
     fixed = read_session(args.fixed_ct, args.fixed_spect, "fixed")
     moving = read_session(args.moving_ct, args.moving_spect, "moving")
+    from .network.spect_offset import SpectOffsetConfig
+
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
-                      progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None)
+                      progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None,
+                      spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift))
     files = write_registration(result, args.out, overwrite=args.overwrite,
                                protected=[args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect])
     for note in result.notes:
@@ -242,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-spect-offset", action="store_true",
                    help="do not fit the SPECT/CT offset and organ shift: the SPECT follows the CT-driven field "
                         "exactly")
+    r.add_argument("--no-organ-shift", action="store_true",
+                   help="fit the SPECT/CT translation only, not the cranio-caudal shift of the uptake organs")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=_cmd_register)
 
