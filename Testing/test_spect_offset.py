@@ -91,7 +91,8 @@ def test_organ_shift_recovers_organs_sliding_against_the_body():
     alone = fit_spect_offset(fixed, moving, u, spacing_mm=spacing, config=TRANSLATION_ONLY)
     assert alone.organ_weight is None and alone.organ_shift_mm == 0.0
     organs = fixed > SpectOffsetConfig().uptake_level
-    found = torch.tensor(fit.offset_voxels).view(1, 3, 1, 1, 1) + fit.organ_displacement((1 / spacing, 0.0, 0.0))
+    found = (torch.tensor(fit.offset_voxels).view(1, 3, 1, 1, 1)           # t + w(p) s c, c = +1 mm along z
+             + fit.organ_weight * fit.organ_shift_mm * torch.tensor([1 / spacing, 0.0, 0.0]).view(1, 3, 1, 1, 1))
     error = (found - v).norm(dim=1, keepdim=True)[organs].mean()
     error_alone = (torch.tensor(alone.offset_voxels).view(1, 3, 1, 1, 1) - v).norm(dim=1, keepdim=True)[organs].mean()
     assert error < 0.25 * error_alone

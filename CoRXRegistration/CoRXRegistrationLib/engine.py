@@ -267,20 +267,18 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         organ_mm = offset_fit.organ_shift_mm
         if offset_fit.organ_weight is not None:
             organ_weight = offset_fit.organ_weight[0, 0].detach().float().cpu().numpy()
-    disp_spect = disp_cpu + offset_voxels.view(1, 3, 1, 1, 1)
-    if offset_fit is not None:
-        disp_spect = disp_spect + torch.as_tensor(offset_fit.organ_displacement(cranio_caudal)).float().cpu()
-    metrics = {}
-    if qa_metrics:
-        (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
-        metrics = {"identity": registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu)),
-                   "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_spect), disp_cpu)}
-        timings["metrics"] = time.perf_counter() - t
     field_network = displacement_voxels_to_lps(disp_cpu[0].numpy(), grid)
     result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry,
                                 spect_offset_mm=offset_mm, spect_organ_shift_mm=organ_mm,
-                                spect_organ_weight=organ_weight, metrics=metrics, timings_s=timings,
+                                spect_organ_weight=organ_weight, timings_s=timings,
                                 device=str(torch_device), notes=notes)
+    if qa_metrics:
+        disp_spect = torch.from_numpy(displacement_lps_to_voxels(result.field_network_spect, grid))[None]
+        (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
+        result.metrics = {"identity": registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu)),
+                          "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_spect),
+                                                             disp_cpu)}
+        timings["metrics"] = time.perf_counter() - t
     if native_outputs:
         check_cancel("before native-resolution outputs")
         report(0.85, "native-resolution outputs")

@@ -64,13 +64,6 @@ class SpectOffsetFit:
     organ_weight: torch.Tensor | None = None    # (1, 1, Z, Y, X) in [0, 1] on the network grid
     organ_note: str = ""          # why the organ shift was dropped ("" otherwise)
 
-    def organ_displacement(self, cranio_caudal_voxels) -> torch.Tensor | float:
-        """w(p) s c: the organ shift as a displacement (1, 3, Z, Y, X) in voxels, or 0.0 without one."""
-        if self.organ_weight is None or self.organ_shift_mm == 0.0:
-            return 0.0
-        c = torch.as_tensor(cranio_caudal_voxels, dtype=self.organ_weight.dtype, device=self.organ_weight.device)
-        return self.organ_weight * (self.organ_shift_mm * c.view(1, 3, 1, 1, 1))
-
 
 def _uptake_box(fixed_spect: torch.Tensor, config: SpectOffsetConfig):
     """(origin, slices) of the fit region, or None when no voxel reaches the uptake level."""
