@@ -3,20 +3,50 @@
 The Logic works on MRML nodes only through ``slicer.util`` and MRML classes, so it runs in
 Slicer, in ``Slicer --no-main-window --python-script`` and under plain Python with the
 ``slicer-core`` wheel (the tests). Arrays and geometry go to ``CoRXRegistrationLib``.
+Nothing here imports torch or matplotlib at load time: Slicer bundles neither, and a module whose
+import fails is not created. torch comes through the PyTorch extension on first use.
 """
 
 import numpy as np
 import slicer
+from slicer.util import VTKObservationMixin
 
 try:  # inside the Slicer application
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                                ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-except ImportError:  # plain Python with slicer-core: the Logic is usable, the GUI classes are not
-    ScriptedLoadableModule = ScriptedLoadableModuleWidget = ScriptedLoadableModuleTest = object
+except ImportError:  # plain Python with slicer-core: the Logic and the self-tests run, the GUI classes do not
+    import unittest
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
 
     class ScriptedLoadableModuleLogic:
+        """What Slicer's base class gives a Logic: its module name and a singleton parameter node."""
+
         def __init__(self, parent=None):
-            pass
+            name = type(self).__name__
+            self.moduleName = name[:-len("Logic")] if name.endswith("Logic") else name
+
+        def getParameterNode(self):
+            node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.vtkMRMLScriptedModuleNode()
+                node.SetSingletonTag(self.moduleName)
+                node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+                node.SetAttribute("ModuleName", self.moduleName)
+                node = slicer.mrmlScene.AddNode(node)
+            return node
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        """The self-tests run as plain unittest cases; delayDisplay only prints."""
+
+        def delayDisplay(self, message, msec=None):
+            print(message)
 
 from CoRXRegistrationLib.geometry import Geometry, lps_to_ras
 
@@ -40,8 +70,13 @@ class CoRXRegistration(ScriptedLoadableModule):
 
 # --------------------------------------------------------------------------- MRML adapters
 def volumeNodeGeometry(volumeNode) -> Geometry:
-    """Geometry (LPS) of a scalar volume node."""
+    """Geometry (LPS) of a volume node. Raises ValueError for a node under a transform that is not
+    hardened: its voxels are not where its IJK-to-RAS matrix says, and using them would be silently wrong."""
     import vtk
+    transform = volumeNode.GetParentTransformNode()
+    if transform is not None:
+        raise ValueError(f"'{volumeNode.GetName()}' is under the transform '{transform.GetName()}': harden it first "
+                         "(Data module: right-click the transform, 'Harden transform') or remove the transform")
     m = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(m)
     ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
@@ -96,15 +131,19 @@ def sessionFromNodes(ctNode, spectNode, label=""):
 
 
 def addTableNode(rows, name):
-    """A vtkMRMLTableNode with one column per key of ``rows`` (list of dicts; strings or numbers)."""
+    """A vtkMRMLTableNode with one column per key found in any of ``rows`` (list of dicts), in order of
+    first appearance. A column holding any string is a text column; the others are numbers. A row
+    without a key gets an empty cell (text) or NaN (number)."""
     import vtk
     table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    keys = list(rows[0]) if rows else []
+    keys = list(dict.fromkeys(key for row in rows for key in row))
     for key in keys:
-        column = vtk.vtkStringArray() if isinstance(rows[0][key], str) else vtk.vtkDoubleArray()
+        values = [row.get(key) for row in rows]
+        text = any(isinstance(v, str) for v in values)
+        column = vtk.vtkStringArray() if text else vtk.vtkDoubleArray()
         column.SetName(key)
-        for r in rows:
-            column.InsertNextValue(r[key])
+        for v in values:
+            column.InsertNextValue(("" if v is None else str(v)) if text else (float("nan") if v is None else float(v)))
         table.AddColumn(column)
     return table
 
@@ -160,17 +199,114 @@ def showJacobian(jacobianNode, jacobian):
 
 
 def saveNode(node, path):
-    """Write ``node`` with its default storage node (volume, transform, table), as Slicer's Save does."""
-    storage = node.CreateDefaultStorageNode()
-    slicer.mrmlScene.AddNode(storage)
+    """Write ``node`` (volume, transform, table) to ``path`` with its storage node, as Slicer's Save does:
+    the node's own storage node, or a default one that is attached to the node (no orphan piles up).
+    The file is written under a temporary name in the same folder and renamed when complete, so a
+    failed write leaves neither a partial file nor a damaged older one."""
+    import os
+    import uuid
+    from pathlib import Path
+    path = Path(path)
+    storage = node.GetStorageNode()
+    if storage is None:
+        storage = slicer.mrmlScene.AddNode(node.CreateDefaultStorageNode())
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    partial = path.with_name(f".partial-{uuid.uuid4().hex[:8]}-{path.name}")
+    storage.SetFileName(str(partial))
+    try:
+        if not storage.WriteData(node) or not partial.is_file():
+            raise OSError(f"could not write '{node.GetName()}' to {path}")
+        os.replace(partial, path)
+    finally:
+        for leftover in path.parent.glob(f"{partial.name.split(path.name)[0]}*"):
+            leftover.unlink()
     storage.SetFileName(str(path))
-    if not storage.WriteData(node):
-        raise OSError(f"could not write {node.GetName()} to {path}")
     return path
 
 
+def removeNodes(nodes):
+    """Remove ``nodes`` (None and non-nodes skipped) from slicer.mrmlScene, with their display and storage nodes."""
+    for node in nodes:
+        if node is None or not hasattr(node, "GetScene") or node.GetScene() is None:
+            continue
+        helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+            if hasattr(node, "GetNumberOfDisplayNodes") else []
+        helpers += [node.GetStorageNode()] if hasattr(node, "GetStorageNode") else []
+        for n in [node] + [h for h in helpers if h is not None]:
+            slicer.mrmlScene.RemoveNode(n)
+
+
+class LogicBusyError(RuntimeError):
+    """A long operation of this Logic was started while another one is still running."""
+
+
+class Busy:
+    """Guard against re-entrant runs: ``with self.busy("registration"):`` raises LogicBusyError while
+    another guarded run of the same Logic is in progress (e.g. a second Apply during processEvents)."""
+
+    def __init__(self):
+        self.running = None
+
+    def __call__(self, what):
+        if self.running:
+            raise LogicBusyError(f"cannot start {what}: {self.running} is still running; wait or cancel it")
+        self.running = what
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.running = None
+        return False
+
+
+def readParameters(logic, defaults):
+    """The Logic's parameter node as a dict of strings, ``defaults`` filling what it does not hold."""
+    node = logic.getParameterNode()
+    return {key: (node.GetParameter(key) if node.GetParameter(key) != "" else value) for key, value in defaults.items()}
+
+
+def writeParameters(logic, defaults, values):
+    """Store ``values`` (keys of ``defaults``) on the Logic's parameter node, saved with the scene."""
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; known: {sorted(defaults)}")
+    node = logic.getParameterNode()
+    for key, value in values.items():
+        node.SetParameter(key, str(value))
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
-    """Console/batch entry points: load a series, register pairs or a whole series on MRML nodes."""
+    """Console/batch entry points: load a series, register pairs or a whole series on MRML nodes.
+
+    Settings (model, device, refinement, reference) live in the module's parameter node, saved with
+    the scene: :meth:`parameters` reads them, :meth:`setParameters` checks and stores them.
+    """
+
+    PARAMETER_DEFAULTS = {"ModelPath": "", "Device": "auto", "RefineIterations": "0", "ReferenceIndex": "0"}
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleLogic.__init__(self, parent)
+        self.busy = Busy()
+
+    def parameters(self):
+        """Settings as typed values: ModelPath (str, "" = bundled), Device, RefineIterations, ReferenceIndex."""
+        p = readParameters(self, self.PARAMETER_DEFAULTS)
+        return {"ModelPath": p["ModelPath"], "Device": p["Device"] if p["Device"] in DEVICES else "auto",
+                "RefineIterations": int(float(p["RefineIterations"])), "ReferenceIndex": int(float(p["ReferenceIndex"]))}
+
+    def setParameters(self, **values):
+        """Check and store settings; raises ValueError naming a bad value."""
+        if "Device" in values and values["Device"] not in DEVICES:
+            raise ValueError(f"Device must be one of {DEVICES}, got {values['Device']!r}")
+        for key in ("RefineIterations", "ReferenceIndex"):
+            if key in values and (not float(values[key]).is_integer() or int(values[key]) < 0):
+                raise ValueError(f"{key} must be a whole number >= 0, got {values[key]!r}")
+        writeParameters(self, self.PARAMETER_DEFAULTS, values)
 
     def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
                      device="auto", refineIterations=0, progress=None, cancel=None, name="moving",
@@ -198,41 +334,68 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                           progress=progress, cancel=cancel, spect_offset=spectOffset,
                           spect_offset_config=SpectOffsetConfig(organ_shift=spectOrganShift))
         g_spect, g_ct = result.fixed_spect_geometry, result.fixed_ct_geometry
-        nodes = {"transform": gridTransformNodeFromField(result.field_spect, g_spect, f"CoRX transform {name}"),
-                 "deformedSPECT": addVolumeNode(result.warped_spect, g_spect, f"SPECT {name} deformed"),
-                 "deformedCT": addVolumeNode(result.warped_ct, g_ct, f"CT {name} deformed"),
-                 "jacobian": addVolumeNode(result.jacobian_spect, g_spect, f"Jacobian {name}"),
-                 "deformationRGB": addVolumeNode(deformation_rgb(result.field_spect).numpy(), g_spect,
-                                                 f"Deformation RGB {name}", "vtkMRMLVectorVolumeNode"),
-                 "result": result}
-        showJacobian(nodes["jacobian"], result.jacobian_spect)
-        nodes["transform"].SetAttribute("CoRX.FixedSPECT", fixedSPECTNode.GetID())
-        nodes["transform"].SetAttribute("CoRX.MovingSPECT", movingSPECTNode.GetID())
-        nodes["transform"].SetAttribute("CoRX.SPECTOffsetMm", " ".join(f"{v:.3f}" for v in result.spect_offset_mm))
-        nodes["transform"].SetAttribute("CoRX.SPECTOrganShiftMmSuperior", f"{result.spect_organ_shift_mm:.3f}")
-        placeInFolder([v for k, v in nodes.items() if k != "result"], f"CoRX {name}")
+        nodes = {}
+        try:   # all the pair's nodes or none: a failure half-way removes what was made
+            nodes["transform"] = gridTransformNodeFromField(result.field_spect, g_spect, f"CoRX transform {name}")
+            nodes["deformedSPECT"] = addVolumeNode(result.warped_spect, g_spect, f"SPECT {name} deformed")
+            nodes["deformedCT"] = addVolumeNode(result.warped_ct, g_ct, f"CT {name} deformed")
+            nodes["jacobian"] = addVolumeNode(result.jacobian_spect, g_spect, f"Jacobian {name}")
+            nodes["deformationRGB"] = addVolumeNode(deformation_rgb(result.field_spect).numpy(), g_spect,
+                                                    f"Deformation RGB {name}", "vtkMRMLVectorVolumeNode")
+            showJacobian(nodes["jacobian"], result.jacobian_spect)
+            nodes["transform"].SetAttribute("CoRX.FixedSPECT", fixedSPECTNode.GetID())
+            nodes["transform"].SetAttribute("CoRX.MovingSPECT", movingSPECTNode.GetID())
+            nodes["transform"].SetAttribute("CoRX.SPECTOffsetMm", " ".join(f"{v:.3f}" for v in result.spect_offset_mm))
+            nodes["transform"].SetAttribute("CoRX.SPECTOrganShiftMmSuperior", f"{result.spect_organ_shift_mm:.3f}")
+            placeInFolder(list(nodes.values()), f"CoRX {name}")
+        except Exception:
+            removeNodes(nodes.values())
+            raise
+        nodes["result"] = result
         return nodes
 
     def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",
                        refineIterations=0, progress=None, cancel=None, spectOffset=None, spectOrganShift=True):
         """Register every time point to ``referenceIndex``. Returns {"pairs": {hours: nodes},
-        "qaTable": table node with the paper's metrics per pair, "registeredSPECT": SPECT node per time
-        point on the reference SPECT grid (the reference's own node for the reference)}."""
+        "qaTable": table node with the paper's metrics per registered pair, "registeredSPECT": SPECT node
+        per time point on the reference SPECT grid (the reference's own node for the reference),
+        "cancelled": bool, "message": one line for the user}.
+
+        ``cancel() -> True`` stops at the next step: the pairs finished so far keep their nodes and
+        QA rows, the pair under way leaves nothing, "registeredSPECT" is None (the series is
+        incomplete) and "message" says "cancelled after N of M time points". Raises LogicBusyError
+        while another registration of this Logic runs, ValueError on bad input."""
         from CoRXRegistrationLib.engine import load_model
+        from CoRXRegistrationLib.progress import Cancelled
         if not (len(ctNodes) == len(spectNodes) == len(timesH)) or len(timesH) < 2:
             raise ValueError("give one CT, one SPECT and one time (h) per time point, at least 2 time points")
         if not 0 <= referenceIndex < len(timesH):
             raise ValueError(f"reference index {referenceIndex} is not one of the {len(timesH)} time points")
-        loaded = load_model(model)
+        with self.busy("a registration"):
+            for node in list(ctNodes) + list(spectNodes):
+                volumeNodeGeometry(node)              # refuses un-hardened transforms before any work
+            loaded = load_model(model)
+            return self._registerEach(ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
+                                      progress, cancel, spectOffset, spectOrganShift, Cancelled)
+
+    def _registerEach(self, ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
+                      progress, cancel, spectOffset, spectOrganShift, Cancelled):
         pairs, rows, registered = {}, [], []
         others = [i for i in range(len(timesH)) if i != referenceIndex]
+        cancelled = False
         for n, i in enumerate(others):
             sub = None if progress is None else (lambda f, t="", n=n: progress((n + f) / len(others), t))
-            nodes = self.registerPair(ctNodes[referenceIndex], spectNodes[referenceIndex], ctNodes[i],
-                                      spectNodes[i], model=loaded, device=device,
-                                      refineIterations=refineIterations, progress=sub, cancel=cancel,
-                                      name=f"{timesH[i]:g}h", spectOffset=spectOffset,
-                                      spectOrganShift=spectOrganShift)
+            try:
+                if cancel is not None and cancel():
+                    raise Cancelled("registration cancelled")
+                nodes = self.registerPair(ctNodes[referenceIndex], spectNodes[referenceIndex], ctNodes[i],
+                                          spectNodes[i], model=loaded, device=device,
+                                          refineIterations=refineIterations, progress=sub, cancel=cancel,
+                                          name=f"{timesH[i]:g}h", spectOffset=spectOffset,
+                                          spectOrganShift=spectOrganShift)
+            except Cancelled:
+                cancelled = True
+                break
             pairs[timesH[i]] = nodes
             m = nodes["result"].metrics
             rows.append({"moving (h)": f"{timesH[i]:g}", "fixed (h)": f"{timesH[referenceIndex]:g}",
@@ -241,10 +404,34 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                          "SPECT/CT offset (mm)": float(np.linalg.norm(nodes["result"].spect_offset_mm)),
                          "SPECT organ shift (mm, + superior)": float(nodes["result"].spect_organ_shift_mm),
                          "seconds": float(nodes["result"].timings_s["total"])})
-        for i in range(len(timesH)):
-            registered.append(spectNodes[i] if i == referenceIndex else pairs[timesH[i]]["deformedSPECT"])
+        if cancelled:
+            registered, message = None, f"cancelled after {len(pairs)} of {len(others)} time points"
+        else:
+            registered = [spectNodes[i] if i == referenceIndex else pairs[timesH[i]]["deformedSPECT"]
+                          for i in range(len(timesH))]
+            message = f"registered {len(pairs)} time points onto {timesH[referenceIndex]:g} h"
         return {"pairs": pairs, "qaTable": addTableNode(rows, "CoRX registration QA"),
-                "registeredSPECT": registered}
+                "registeredSPECT": registered, "cancelled": cancelled, "message": message}
+
+    def seriesFromScene(self, injection="", fileForInstance=None):
+        """[(hours, CT node, SPECT node)] for the scene's scalar volumes, and where the hours came from:
+        the DICOM headers when any volume was loaded from DICOM (:meth:`seriesFromDicom`), else hours in
+        the volume names ('CT 24h', 'SPECT 24h'). Raises ValueError when no pair is found."""
+        from CoRXRegistrationLib.series_io import series_from_names
+        volumeNodes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+        if any(n.GetAttribute("DICOM.instanceUIDs") for n in volumeNodes):
+            return self.seriesFromDicom(volumeNodes, injection, fileForInstance), "DICOM acquisition times"
+        volumes = {n.GetName(): n for n in volumeNodes}
+        found = [(h, volumes[ct], volumes[spect]) for h, ct, spect in series_from_names(list(volumes))]
+        if not found:
+            raise ValueError("No CT/SPECT pairs with hours in their names (e.g. 'CT 24h', 'SPECT 24h') were found; "
+                             "fill the table by hand.")
+        return found, "volume names"
+
+    def showFusion(self, referenceSPECTNode, pair):
+        """Slice views: the reference SPECT under the pair's deformed SPECT at 50 % opacity."""
+        slicer.util.setSliceViewerLayers(background=referenceSPECTNode, foreground=pair["deformedSPECT"],
+                                         foregroundOpacity=0.5, fit=True)
 
     def seriesFromDicom(self, volumeNodes, injection=None, fileForInstance=None):
         """[(hours after injection, CT node, SPECT node)] in time order, from the DICOM headers of the
@@ -298,13 +485,18 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 # --------------------------------------------------------------------------- GUI
+def torchInstalled():
+    """True when torch can be imported, checked without importing it (fast, no side effects)."""
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
 def ensureTorch():
-    """Import torch, installing it on first use through the PyTorch extension (never at module import)."""
-    try:
+    """Import torch, installing it on first use through the PyTorch extension (never at module import).
+    Call it outside a wait cursor: the extension asks the user before it downloads."""
+    if torchInstalled():
         import torch
         return torch
-    except ImportError:
-        pass
     try:
         import PyTorchUtils
     except ImportError:
@@ -316,81 +508,161 @@ def ensureTorch():
     return torch
 
 
-class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
-    """Series table (CT, SPECT, hours), reference, model, device and refinement; Apply registers every
-    time point with a progress bar and Cancel; settings live in the module's parameter node."""
+def describeModel(path=""):
+    """One line on the model a registration would use: ``path`` "" (or "bundled") is the bundled model,
+    described from its card without torch; a checkpoint is read only when it exists and torch is
+    installed. Never raises: the reason is the text."""
+    import json
+    from pathlib import Path
+    from CoRXRegistrationLib import BUNDLED_MODEL
+    if not path or path == "bundled":
+        card_path = BUNDLED_MODEL.with_suffix(".json")
+        try:
+            card = json.loads(card_path.read_text())
+            net, prep = card["config"], card["preprocess"]
+        except (OSError, ValueError, KeyError) as exc:
+            return f"cannot read the bundled model's card {card_path.name}: {exc}"
+        source = f"bundled ({BUNDLED_MODEL.name})"
+    elif not Path(path).is_file():
+        return f"no model file at {path}"
+    elif not torchInstalled():
+        return "PyTorch is not installed yet: the model is read when you press Apply (PyTorch extension)"
+    else:
+        try:
+            from CoRXRegistrationLib.network.checkpoint import read_checkpoint
+            payload = read_checkpoint(path)
+            net, prep = payload["config"], payload.get("preprocess", {})
+        except Exception as exc:                      # a clear line in the panel instead of a traceback
+            return f"cannot read the model: {exc}"
+        source = Path(path).name
+    return (f"{source}: {net.get('name')}, diffeomorphic {net.get('diffeomorphic')}, SPECT "
+            f"{prep.get('spect_normalisation')}, pre-alignment {prep.get('prealign', 'none')} "
+            "(fixed by the model's training)")
 
-    PARAMETERS = ("ModelPath", "Device", "RefineIterations", "ReferenceIndex")
+
+class CoRXRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Series table (CT, SPECT, hours, remove), reference, model, device and refinement; Apply registers
+    every time point with a progress bar and Cancel; settings live in the module's parameter node."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.running = False
+        self.cancelRequested = False
+        self.updatingGUI = False
+        self.lastOutputs = None
 
     def setup(self):
+        import qt
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CoRXRegistration.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CoRXRegistrationLogic()
-        self.lastOutputs = None
-        self.cancelRequested = False
-        self.ui.seriesTable.setHorizontalHeaderLabels(["CT", "SPECT", "hours"])
-        self.ui.seriesTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.seriesTable.setColumnCount(4)
+        self.ui.seriesTable.setHorizontalHeaderLabels(["CT", "SPECT", "hours", ""])
+        self.ui.seriesTable.horizontalHeader().setStretchLastSection(False)
+        self.modelTimer = qt.QTimer()            # ctkPathLineEdit signals every keystroke: read the model
+        self.modelTimer.setSingleShot(True)      # once typing has paused
+        self.modelTimer.setInterval(600)
+        # Restore the saved settings first, then connect: restoring must not write defaults over them.
+        self.updateGUIFromParameters()
         self.ui.loadSeriesButton.connect("clicked(bool)", self.onLoadSeries)
         self.ui.fillFromSceneButton.connect("clicked(bool)", self.onFillFromScene)
-        self.ui.addTimePointButton.connect("clicked(bool)", lambda _=False: self.addRow())
-        self.ui.removeTimePointButton.connect("clicked(bool)", self.onRemoveRow)
+        self.ui.addTimePointButton.connect("clicked(bool)", self.onAddRow)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.showOverlayButton.connect("clicked(bool)", self.onShowOverlay)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda _=None: self.modelTimer.start())
+        self.modelTimer.connect("timeout()", self.onModelChanged)
         for widget, signal in ((self.ui.deviceComboBox, "currentIndexChanged(int)"),
                                (self.ui.refineSpinBox, "valueChanged(int)"),
                                (self.ui.referenceComboBox, "currentIndexChanged(int)")):
-            widget.connect(signal, self.updateParameterNode)
-        self.restoreParameters()
-        self.onModelChanged()
+            widget.connect(signal, self.updateParameters)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneLoaded)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
+        self.ui.modelInfoLabel.text = describeModel(self.ui.modelPathLineEdit.currentPath)
         self.updateButtons()
+
+    def cleanup(self):
+        self.modelTimer.stop()
+        self.removeObservers()
 
     # ---- parameter node: settings saved with the scene
-    def restoreParameters(self):
-        node = self.logic.getParameterNode()
-        self.ui.modelPathLineEdit.currentPath = node.GetParameter("ModelPath") or ""
-        self.ui.deviceComboBox.currentText = node.GetParameter("Device") or "auto"
-        self.ui.refineSpinBox.value = int(node.GetParameter("RefineIterations") or 0)
+    def updateGUIFromParameters(self):
+        p = self.logic.parameters()
+        self.updatingGUI = True
+        try:
+            self.ui.modelPathLineEdit.currentPath = p["ModelPath"]
+            self.ui.deviceComboBox.currentText = p["Device"]
+            self.ui.refineSpinBox.value = p["RefineIterations"]
+            if self.ui.referenceComboBox.count:
+                self.ui.referenceComboBox.currentIndex = min(p["ReferenceIndex"], self.ui.referenceComboBox.count - 1)
+        finally:
+            self.updatingGUI = False
 
-    def updateParameterNode(self, *_):
-        node = self.logic.getParameterNode()
-        node.SetParameter("ModelPath", self.ui.modelPathLineEdit.currentPath)
-        node.SetParameter("Device", self.ui.deviceComboBox.currentText)
-        node.SetParameter("RefineIterations", str(self.ui.refineSpinBox.value))
-        node.SetParameter("ReferenceIndex", str(max(self.ui.referenceComboBox.currentIndex, 0)))
+    def updateParameters(self, *_):
+        if self.updatingGUI:
+            return
+        self.logic.setParameters(ModelPath=self.ui.modelPathLineEdit.currentPath,
+                                 Device=self.ui.deviceComboBox.currentText,
+                                 RefineIterations=self.ui.refineSpinBox.value,
+                                 ReferenceIndex=max(self.ui.referenceComboBox.currentIndex, 0))
         self.updateButtons()
 
-    # ---- the series table
+    def onSceneLoaded(self, caller=None, event=None):
+        with slicer.util.tryWithErrorDisplay("Could not read CoRX settings from the scene."):
+            self.updateGUIFromParameters()
+            self.ui.modelInfoLabel.text = describeModel(self.ui.modelPathLineEdit.currentPath)
+
+    def onSceneClosed(self, caller=None, event=None):
+        with slicer.util.tryWithErrorDisplay("Could not reset the CoRX panel."):
+            self.ui.seriesTable.setRowCount(0)
+            self.lastOutputs = None
+            self.refreshReferenceChoices()
+            self.updateGUIFromParameters()
+
+    # ---- the series table: one row per time point, its own Remove button (no "current row" guessing)
+    def onAddRow(self):
+        with slicer.util.tryWithErrorDisplay("Could not add a time point."):
+            self.addRow()
+
     def addRow(self, ctNode=None, spectNode=None, hours=0.0):
         import qt
         table = self.ui.seriesTable
         row = table.rowCount
         table.insertRow(row)
-        for column, (node, cls) in enumerate(((ctNode, "vtkMRMLScalarVolumeNode"), (spectNode, "vtkMRMLScalarVolumeNode"))):
+        for column, node in enumerate((ctNode, spectNode)):
             combo = slicer.qMRMLNodeComboBox()
-            combo.nodeTypes = [cls]
+            combo.nodeTypes = ["vtkMRMLScalarVolumeNode"]
             combo.noneEnabled = True
-            combo.addEnabled = combo.removeEnabled = False
+            combo.addEnabled = combo.removeEnabled = combo.renameEnabled = False
             combo.setMRMLScene(slicer.mrmlScene)
             combo.setCurrentNode(node)
             combo.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
             table.setCellWidget(row, column, combo)
         spin = qt.QDoubleSpinBox()
         spin.setRange(0.0, 10000.0)
+        spin.setDecimals(2)
         spin.setSuffix(" h")
         spin.value = hours
-        spin.connect("valueChanged(double)", self.updateButtons)
+        spin.connect("valueChanged(double)", lambda _=None: self.refreshReferenceChoices())
         table.setCellWidget(row, 2, spin)
+        remove = qt.QToolButton()
+        remove.text = "Remove"
+        remove.toolTip = "Remove this time point from the series"
+        remove.connect("clicked(bool)", lambda _=False, button=remove: self.onRemoveRow(button))
+        table.setCellWidget(row, 3, remove)
         self.refreshReferenceChoices()
 
-    def onRemoveRow(self):
-        row = self.ui.seriesTable.currentRow()
-        if row >= 0:
-            self.ui.seriesTable.removeRow(row)
+    def onRemoveRow(self, button):
+        with slicer.util.tryWithErrorDisplay("Could not remove the time point."):
+            table = self.ui.seriesTable
+            for row in range(table.rowCount):
+                if table.cellWidget(row, 3) == button:
+                    table.removeRow(row)
+                    break
             self.refreshReferenceChoices()
 
     def rows(self):
@@ -399,15 +671,16 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
                  float(table.cellWidget(r, 2).value)) for r in range(table.rowCount)]
 
     def refreshReferenceChoices(self):
-        combo = self.ui.referenceComboBox
-        previous = int(self.logic.getParameterNode().GetParameter("ReferenceIndex") or 0)
-        combo.clear()
-        for ct, spect, hours in self.rows():
-            combo.addItem(f"{hours:g} h")
-        self.ui.overlayComboBox.clear()
-        for _, _, hours in self.rows():
-            self.ui.overlayComboBox.addItem(f"{hours:g} h")
-        combo.currentIndex = min(previous, max(combo.count - 1, 0))
+        previous = self.logic.parameters()["ReferenceIndex"]
+        self.updatingGUI = True
+        try:
+            for combo in (self.ui.referenceComboBox, self.ui.overlayComboBox):
+                combo.clear()
+                for _, _, hours in self.rows():
+                    combo.addItem(f"{hours:g} h")
+            self.ui.referenceComboBox.currentIndex = min(previous, max(self.ui.referenceComboBox.count - 1, 0))
+        finally:
+            self.updatingGUI = False
         self.updateButtons()
 
     def onLoadSeries(self):
@@ -420,109 +693,112 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget):
 
     def onFillFromScene(self):
         """DICOM acquisition times where the volumes came from DICOM, else hours in the volume names."""
-        from CoRXRegistrationLib.dicom_times import DicomTimeError
-        from CoRXRegistrationLib.series_io import series_from_names
-        volumeNodes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-        if any(n.GetAttribute("DICOM.instanceUIDs") for n in volumeNodes):
-            try:
-                found = self.logic.seriesFromDicom(volumeNodes, self.ui.injectionLineEdit.text)
-            except DicomTimeError as e:
-                slicer.util.errorDisplay(f"Hours after injection could not be read from DICOM: {e}")
-                return
-            source = "DICOM acquisition times"
-        else:
-            volumes = {n.GetName(): n for n in volumeNodes}
-            found = [(h, volumes[ct], volumes[spect]) for h, ct, spect in series_from_names(list(volumes))]
-            source = "volume names"
-        if not found:
-            slicer.util.errorDisplay("No CT/SPECT pairs with hours in their names (e.g. 'CT 24h', 'SPECT 24h') "
-                                     "were found; fill the table by hand.")
-            return
-        self.ui.seriesTable.setRowCount(0)
-        for hours, ct, spect in found:
-            self.addRow(ct, spect, hours)
-        self.ui.statusLabel.text = f"Found {len(found)} time points from {source}; check them before Apply."
+        with slicer.util.tryWithErrorDisplay("Could not fill the table.", waitCursor=True):
+            found, source = self.logic.seriesFromScene(self.ui.injectionLineEdit.text)
+            self.ui.seriesTable.setRowCount(0)
+            for hours, ct, spect in found:
+                self.addRow(ct, spect, hours)
+            self.ui.statusLabel.text = f"Found {len(found)} time points from {source}; check them before Apply."
 
     # ---- model
     def onModelChanged(self, *_):
-        path = self.ui.modelPathLineEdit.currentPath or "bundled"
-        try:
-            from CoRXRegistrationLib.network.checkpoint import read_checkpoint
-            from CoRXRegistrationLib.engine import BUNDLED_MODEL
-            payload = read_checkpoint(BUNDLED_MODEL if path == "bundled" else path)
-            net, prep = payload["config"], payload.get("preprocess", {})
-            self.ui.modelInfoLabel.text = (f"{net.get('name')}: diffeomorphic {net.get('diffeomorphic')}, SPECT "
-                                           f"{prep.get('spect_normalisation')}, pre-alignment "
-                                           f"{prep.get('prealign', 'none')} (fixed by the model's training)")
-        except Exception as exc:
-            self.ui.modelInfoLabel.text = f"cannot read the model: {exc}"
-        self.updateParameterNode()
+        with slicer.util.tryWithErrorDisplay("Could not store the model setting."):
+            self.ui.modelInfoLabel.text = describeModel(self.ui.modelPathLineEdit.currentPath)
+            self.updateParameters()
 
     # ---- run
     def updateButtons(self, *_):
-        rows = self.rows() if hasattr(self.ui, "seriesTable") else []
+        rows = self.rows() if hasattr(self, "ui") else []
         complete = len(rows) >= 2 and all(ct and spect for ct, spect, _ in rows)
-        increasing = all(b[2] > a[2] for a, b in zip(rows, rows[1:]))
-        self.ui.applyButton.enabled = complete and increasing
-        self.ui.applyButton.toolTip = "" if complete and increasing else \
-            "Give at least 2 time points, each with a CT and a SPECT, in increasing hours"
+        hours = sorted(h for _, _, h in rows)
+        distinct = all(b > a for a, b in zip(hours, hours[1:]))
+        ready = complete and distinct and not self.running
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = "" if ready else ("A registration is running" if self.running else
+                                                        "Give at least 2 time points, each with a CT, a SPECT "
+                                                        "and its own hours after injection")
+
+    def setRunning(self, running):
+        """While a registration runs only Cancel is live: no second Apply, no edits to the series."""
+        self.running = running
+        table = self.ui.seriesTable
+        widgets = [self.ui.loadSeriesButton, self.ui.fillFromSceneButton, self.ui.addTimePointButton,
+                   self.ui.manifestPathLineEdit, self.ui.injectionLineEdit, self.ui.referenceComboBox,
+                   self.ui.modelPathLineEdit, self.ui.deviceComboBox, self.ui.refineSpinBox,
+                   self.ui.showOverlayButton]
+        widgets += [table.cellWidget(r, c) for r in range(table.rowCount) for c in range(table.columnCount)]
+        for widget in widgets:
+            if widget is not None:
+                widget.enabled = not running
+        self.ui.cancelButton.enabled = running
+        self.updateButtons()
 
     def onCancel(self):
         self.cancelRequested = True
         self.ui.statusLabel.text = "Cancelling after the current step..."
 
     def onApply(self):
+        if self.running:
+            return
+        torch = None
+        with slicer.util.tryWithErrorDisplay("CoRX needs PyTorch."):   # no wait cursor over the install question
+            torch = ensureTorch()
+        if torch is None:
+            return
+
         def progress(fraction, text=""):
             self.ui.progressBar.value = int(100 * fraction)
             self.ui.statusLabel.text = text
             slicer.app.processEvents()          # keeps the GUI (and Cancel) responsive between steps
 
         rows = self.rows()
+        p = self.logic.parameters()
         self.cancelRequested = False
-        self.ui.applyButton.enabled = False
-        self.ui.cancelButton.enabled = True
+        self.setRunning(True)
         try:
             with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
-                ensureTorch()
                 out = self.logic.registerSeries([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                                referenceIndex=max(self.ui.referenceComboBox.currentIndex, 0),
-                                                model=self.ui.modelPathLineEdit.currentPath or "bundled",
-                                                device=self.ui.deviceComboBox.currentText,
-                                                refineIterations=self.ui.refineSpinBox.value, progress=progress,
-                                                cancel=lambda: self.cancelRequested)
+                                                referenceIndex=p["ReferenceIndex"], model=p["ModelPath"] or "bundled",
+                                                device=p["Device"], refineIterations=p["RefineIterations"],
+                                                progress=progress, cancel=lambda: self.cancelRequested)
                 self.lastOutputs = out
                 folded = ", ".join(f"{h:g} h: {n['jacobian'].GetAttribute('CoRX.FoldedPercent')} %"
                                    for h, n in out["pairs"].items())
-                self.ui.statusLabel.text = (f"Registered {len(out['pairs'])} time points (Jacobian <= 0: {folded}); "
-                                            f"QA in table '{out['qaTable'].GetName()}'.")
-                self.ui.progressBar.value = 100
+                self.ui.statusLabel.text = (f"{out['message'][0].upper()}{out['message'][1:]}"
+                                            + (f" (Jacobian <= 0: {folded})" if folded else "")
+                                            + (f"; QA in table '{out['qaTable'].GetName()}'." if out["pairs"] else "."))
+                self.ui.progressBar.value = 0 if out["cancelled"] else 100
         finally:
-            self.ui.cancelButton.enabled = False
-            self.updateButtons()
+            self.setRunning(False)
 
     def onShowOverlay(self):
         """Reference SPECT in the background, the chosen time point's deformed SPECT fused on top."""
-        if not self.lastOutputs:
-            slicer.util.errorDisplay("Register the series first.")
-            return
-        rows = self.rows()
-        ref = max(self.ui.referenceComboBox.currentIndex, 0)
-        hours = rows[self.ui.overlayComboBox.currentIndex][2] if rows else None
-        pair = self.lastOutputs["pairs"].get(hours)
-        if pair is None:
-            slicer.util.errorDisplay("Choose a registered (non-reference) time point.")
-            return
-        slicer.util.setSliceViewerLayers(background=rows[ref][1], foreground=pair["deformedSPECT"],
-                                         foregroundOpacity=0.5, fit=True)
+        with slicer.util.tryWithErrorDisplay("Could not show the overlay."):
+            if not self.lastOutputs:
+                raise ValueError("Register the series first.")
+            rows = self.rows()
+            hours = rows[self.ui.overlayComboBox.currentIndex][2] if rows else None
+            pair = self.lastOutputs["pairs"].get(hours)
+            if pair is None:
+                raise ValueError("Choose a registered (non-reference) time point.")
+            reference = self.logic.parameters()["ReferenceIndex"]
+            self.logic.showFusion(rows[reference][1], pair)
 
 
 class CoRXRegistrationTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (Reload and Test, or ``Slicer --testing``) and, through the same class, under pytest
+    with slicer-core: the Logic end to end on a simulated series."""
+
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
         self.test_grid_transform_moves_point()
+        self.setUp()
+        self.test_parameters_round_trip()
+        self.setUp()
+        self.test_register_simulated_series()
 
     def test_grid_transform_moves_point(self):
         g = Geometry((4, 5, 6), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0))
@@ -533,4 +809,32 @@ class CoRXRegistrationTest(ScriptedLoadableModuleTest):
         ras = lps_to_ras(p)
         moved = node.GetTransformFromParent().TransformPoint(list(ras))
         self.assertAlmostEqual(moved[0], ras[0] - 1.5, places=4)
-        self.delayDisplay("CoRXRegistration test passed")
+        self.delayDisplay("grid transform moves a point by the field")
+
+    def test_parameters_round_trip(self):
+        logic = CoRXRegistrationLogic()
+        self.assertEqual(logic.parameters()["Device"], "auto")
+        logic.setParameters(Device="cpu", RefineIterations=7, ReferenceIndex=1, ModelPath="")
+        again = CoRXRegistrationLogic().parameters()        # a new Logic reads the scene's parameter node
+        self.assertEqual((again["Device"], again["RefineIterations"], again["ReferenceIndex"]), ("cpu", 7, 1))
+        with self.assertRaises(ValueError):
+            logic.setParameters(Device="tpu")
+        self.delayDisplay("settings survive in the parameter node")
+
+    def test_register_simulated_series(self):
+        """Bundled model on a small simulated series: nodes on the reference grids, a QA row per pair,
+        SPECT similarity up, no folding."""
+        ensureTorch()
+        from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series
+        s = simulate_series(SimulationConfig.preset("small", seed=3, n_tumours=2))
+        cts = [addVolumeNode(ct.astype(np.float32), g, f"CT {h:g}h") for ct, g, h in zip(s.ct, s.ct_geometry, s.config.times_h)]
+        spects = [addVolumeNode(sp, g, f"SPECT {h:g}h") for sp, g, h in zip(s.spect, s.spect_geometry, s.config.times_h)]
+        out = CoRXRegistrationLogic().registerSeries(cts[:2], spects[:2], list(s.config.times_h[:2]), 0, device="cpu")
+        self.assertFalse(out["cancelled"])
+        pair = out["pairs"][s.config.times_h[1]]
+        self.assertTrue(volumeNodeGeometry(pair["deformedSPECT"]).same_grid(s.spect_geometry[0]))
+        m = pair["result"].metrics
+        self.assertGreater(m["registered"]["spect_lncc"], m["identity"]["spect_lncc"])
+        self.assertEqual(int(pair["jacobian"].GetAttribute("CoRX.FoldedVoxels")), 0)
+        self.assertEqual(out["qaTable"].GetNumberOfRows(), 1)
+        self.delayDisplay("CoRX registration of a simulated series passed")

@@ -30,6 +30,7 @@ def mrml_scene():
 @pytest.fixture(scope="session")
 def small_series():
     """A noise-free small 4-time-point series (deterministic)."""
+    pytest.importorskip("torch", reason="the simulator warps with torch (Slicer 5.8 package set has none)")
     from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series
     cfg = SimulationConfig.preset("small", seed=11, ct_noise_hu=0.0, counts_per_mbq_s=0.0, n_tumours=3)
     return simulate_series(cfg)

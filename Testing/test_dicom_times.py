@@ -1,6 +1,9 @@
 """Hours after injection from DICOM headers, on real DICOM files written and read by pydicom."""
+from __future__ import annotations
+
 from datetime import datetime
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -34,7 +37,11 @@ def write_dicom(path, modality, acquired: str, injection: str | None = INJECTION
         if time_only:
             item.RadiopharmaceuticalStartTime = time_only
         ds.RadiopharmaceuticalInformationSequence = [item]
-    ds.save_as(str(path), enforce_file_format=True)
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(str(path), enforce_file_format=True)
+    else:                                  # pydicom 2 (Slicer 5.8)
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
     return path
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import BUNDLED_MODEL
 from .geometry import Geometry, displacement_lps_to_voxels, displacement_voxels_to_lps
 from .network.checkpoint import load_checkpoint
 from .network.losses import LossWeights, registration_loss
@@ -31,19 +32,29 @@ from .network.networks import RegistrationNetwork
 from .network.rigid import prealign_moving
 from .network.spect_offset import SpectOffsetConfig, fit_spect_offset
 from .network.transform import compose, integrate_velocity, warp
+from .progress import Cancelled
 from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
                          normalise_ct, normalise_spect, onto_grid)
 from .resample import resample
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "corx-bundled.pt"
 
 
 class DeviceError(RuntimeError):
     """The requested compute device does not exist on this machine."""
 
 
-class RegistrationCancelled(RuntimeError):
+class RegistrationCancelled(Cancelled):
     """The user cancelled a registration."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error on any torch the PyTorch extension may give: the
+    ``torch.OutOfMemoryError`` class exists only in recent releases (``torch.cuda.OutOfMemoryError``
+    in older ones), and older or non-CUDA back-ends raise a plain RuntimeError saying so."""
+    classes = tuple(c for c in (getattr(torch, "OutOfMemoryError", None),
+                                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if c is not None)
+    return (bool(classes) and isinstance(exc, classes)) or (isinstance(exc, RuntimeError)
+                                                          and "out of memory" in str(exc).lower())
 
 
 @dataclass
@@ -248,11 +259,12 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
 
     try:
         displacement, offset_fit = run_on(torch_device)
-    except torch.OutOfMemoryError:
-        if torch_device.type == "cpu":
+    except RuntimeError as exc:
+        if torch_device.type == "cpu" or not is_out_of_memory(exc):
             raise
         notes.append(f"out of memory on {torch_device}; fell back to CPU")
-        torch.cuda.empty_cache()
+        if torch_device.type == "cuda":
+            torch.cuda.empty_cache()
         torch_device = torch.device("cpu")
         displacement, offset_fit = run_on(torch_device)
     model.network.to("cpu")

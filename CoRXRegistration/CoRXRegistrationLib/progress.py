@@ -5,6 +5,16 @@ import sys
 import time
 
 
+class Cancelled(RuntimeError):
+    """The user cancelled a long operation (raised between its steps, where ``cancel()`` said so)."""
+
+
+def check_cancel(cancel, where: str) -> None:
+    """Raise :class:`Cancelled` when the optional ``cancel() -> bool`` callback asks for it."""
+    if cancel is not None and cancel():
+        raise Cancelled(f"cancelled {where}")
+
+
 class TerminalProgress:
     """A one-line progress bar on stderr: ``label [#####.....]  50%  text  (12.3 s)``."""
 

@@ -3,21 +3,22 @@
 All warping in CoRX goes through :func:`resample`: for every voxel centre p of the
 target grid (LPS mm), the source image is sampled at ``p + u(p)`` where ``u`` is an
 optional displacement field on the target grid (resampling convention, LPS mm).
-Sampling uses torch's ``grid_sample`` (multi-threaded, CPU or GPU).
+Grid-to-grid resampling (no field, fill outside) uses SimpleITK and needs no torch, so the TIA
+path and the Slicer modules load and run without it; sampling through a field uses torch's
+``grid_sample`` (multi-threaded, CPU or GPU), imported on first use.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .geometry import Geometry
 
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 
 
-def lps_to_normalised_grid(points_lps: torch.Tensor, source: Geometry) -> torch.Tensor:
-    """LPS mm points (..., 3) -> grid_sample coordinates in [-1, 1] for ``source`` (align_corners)."""
+def lps_to_normalised_grid(points_lps, source: Geometry):
+    """LPS mm points (..., 3) tensor -> grid_sample coordinates in [-1, 1] for ``source`` (align_corners)."""
+    import torch
     a = source.direction_matrix @ np.diag(source.spacing)
     a_inv = torch.as_tensor(np.linalg.inv(a), dtype=points_lps.dtype, device=points_lps.device)
     origin = torch.as_tensor(source.origin, dtype=points_lps.dtype, device=points_lps.device)
@@ -27,13 +28,15 @@ def lps_to_normalised_grid(points_lps: torch.Tensor, source: Geometry) -> torch.
     return 2.0 * ijk / size - 1.0
 
 
-def sample_at(volume: np.ndarray | torch.Tensor, source: Geometry, points_lps, mode: str = "linear",
-              fill: float = 0.0, padding: str = "zeros") -> torch.Tensor:
-    """Sample ``volume`` (z, y, x) or (C, z, y, x) on ``source`` at LPS points (..., 3).
+def sample_at(volume, source: Geometry, points_lps, mode: str = "linear", fill: float = 0.0,
+              padding: str = "zeros"):
+    """Sample ``volume`` (z, y, x) or (C, z, y, x) array/tensor on ``source`` at LPS points (..., 3).
 
     Returns a tensor of shape points.shape[:-1] (or (C,) + that). Points outside the
     source grid take ``fill`` (padding="zeros") or the nearest edge value (padding="border").
     """
+    import torch
+    import torch.nn.functional as F
     vol = torch.as_tensor(volume)
     squeeze = vol.dim() == 3
     if squeeze:
@@ -69,8 +72,14 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     Returns a numpy array on ``target`` (float32 for float input, else the input dtype).
     Outside ``source``: ``fill`` (padding="zeros") or the nearest edge value (padding="border").
     Work is chunked along z so a large CT grid never needs the whole coordinate grid at once.
+    Without a displacement and with padding="zeros" this is SimpleITK's resampler (no torch):
+    the same trilinear / nearest values inside ``source``; in the half-voxel band beyond its edge
+    voxel centres it keeps the edge value instead of blending towards ``fill``.
     """
     volume = np.asarray(volume)
+    if displacement is None and padding == "zeros":
+        return _resample_grid(volume, source, target, mode, fill)
+    import torch
     if callable(displacement) and displacement_spacing_mm:
         displacement = displacement_on_grid(displacement, target, displacement_spacing_mm)
     if isinstance(displacement, np.ndarray) and displacement.shape != target.shape + (3,):
@@ -95,6 +104,29 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     return out
 
 
+def _resample_grid(volume: np.ndarray, source: Geometry, target: Geometry, mode: str, fill: float) -> np.ndarray:
+    """Grid to grid with SimpleITK (identity transform, ``fill`` outside); dtype as :func:`resample`."""
+    import SimpleITK as sitk
+
+    from .imageio import to_sitk
+    if volume.shape != source.shape:
+        raise ValueError(f"volume shape {volume.shape} does not match its geometry {source.shape}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    floating = np.issubdtype(volume.dtype, np.floating)
+    as_bool = volume.dtype == np.bool_
+    data = volume.astype(np.float32) if floating else volume.astype(np.uint8) if as_bool else volume
+    image = to_sitk(np.ascontiguousarray(data), source)
+    out = sitk.Resample(image, list(target.size_xyz), sitk.Transform(),
+                        sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor,
+                        list(target.origin), list(target.spacing), list(target.direction), float(fill),
+                        image.GetPixelID())
+    array = sitk.GetArrayFromImage(out)
+    if as_bool:
+        return array.astype(np.bool_)
+    return array.astype(np.float32, copy=False) if floating else array
+
+
 def displacement_on_grid(displacement_fn, target: Geometry, max_spacing_mm: float) -> np.ndarray:
     """Evaluate a smooth displacement callable on a coarse copy of ``target`` and upsample it.
 
@@ -108,6 +140,8 @@ def displacement_on_grid(displacement_fn, target: Geometry, max_spacing_mm: floa
     coarse = Geometry(coarse_shape, coarse_spacing, target.origin, target.direction)
     pts = coarse.lps_grid().reshape(-1, 3)
     d = np.asarray(displacement_fn(pts), np.float32).reshape(coarse_shape + (3,))
+    import torch
+    import torch.nn.functional as F
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(d, -1, 0)))[None]
     up = F.interpolate(t, size=target.shape, mode="trilinear", align_corners=True)[0]
     return np.ascontiguousarray(up.permute(1, 2, 3, 0).numpy())
@@ -115,6 +149,7 @@ def displacement_on_grid(displacement_fn, target: Geometry, max_spacing_mm: floa
 
 def sample_vectors(field_zyx3: np.ndarray, geometry: Geometry, points_lps) -> np.ndarray:
     """Trilinear samples (..., 3) of a (z, y, x, 3) vector field at LPS points; edge values outside."""
+    import torch
     pts = torch.as_tensor(np.asarray(points_lps, np.float32))
     vol = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(field_zyx3, np.float32), -1, 0)))
     return np.moveaxis(sample_at(vol, geometry, pts, padding="border").numpy(), 0, -1)

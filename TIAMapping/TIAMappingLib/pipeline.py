@@ -14,6 +14,7 @@ import numpy as np
 
 from CoRXRegistrationLib.geometry import Geometry, GeometryError
 from CoRXRegistrationLib.imageio import read_image, read_segmentation, write_image
+from CoRXRegistrationLib.progress import check_cancel
 from CoRXRegistrationLib.resample import resample
 
 from .dose import cumulative_dvh, hu_to_density, local_deposition_dose
@@ -55,15 +56,25 @@ def segments_on_grid(segments: dict, seg_geometry: Geometry, target: Geometry, m
 
 def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, seg_geometry=None,
                         ct_hu=None, ct_geometry=None, nuclide: Nuclide = LU177,
-                        population_half_life_h=None) -> TIAOutputs:
-    """Everything ``corx tia`` writes, as arrays on the SPECT grid."""
+                        population_half_life_h=None, progress=None, cancel=None) -> TIAOutputs:
+    """Everything ``corx tia`` writes, as arrays on the SPECT grid.
+
+    ``progress(fraction, text)`` is told each step; ``cancel() -> bool`` is asked between steps and
+    stops the work with :class:`CoRXRegistrationLib.progress.Cancelled`. Needs no torch."""
+    def report(fraction, text):
+        check_cancel(cancel, f"before {text}")
+        if progress is not None:
+            progress(fraction, text)
+
     messages = []
+    report(0.0, "voxel time-activity fits")
     result = compute_voxel_tia(activities, times_h, nuclide, population_half_life_h=population_half_life_h)
     if result.negative_voxels_clipped:
         messages.append(f"{result.negative_voxels_clipped} negative voxel values (interpolation undershoot) "
                         "were set to 0")
     dose = None
     if ct_hu is not None:
+        report(0.6, "absorbed dose")
         ct_on_spect = resample(ct_hu, ct_geometry, geometry, fill=-1000.0) if not ct_geometry.same_grid(geometry) \
             else np.asarray(ct_hu, np.float32)
         dose, n_light = local_deposition_dose(result.tia, hu_to_density(ct_on_spect), nuclide)
@@ -71,6 +82,7 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
             messages.append(f"{n_light} voxels with activity but density < 0.1 g/mL (air) get no local dose")
     rows, dvh = [], {}
     if segments:
+        report(0.8, "VOI tables")
         masks = segments_on_grid(segments, seg_geometry or geometry, geometry, messages)
         rows = voi_table(masks, check_activity_series(activities, times_h)[0], list(result.times_h), geometry.voxel_volume_ml,
                          result.tia, dose, nuclide)
@@ -79,6 +91,8 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
                 if m.any():
                     edges = np.linspace(0.0, float(dose[m].max()) * 1.02 + 1e-9, 101)
                     dvh[name] = (edges, cumulative_dvh(dose[m], edges))
+    if progress is not None:
+        progress(1.0, "done")
     return TIAOutputs(geometry, result.tia, result.fit_rmse, result.fit_r2, result.model, dose, rows, dvh, messages)
 
 

@@ -9,7 +9,10 @@ simulated series' truth segmentation is used otherwise) for the VOI table and do
 Per patient, DIR/<patient_id>/ receives: the grid transform of every moving time point (NRRD
 displacement field, from-parent/resampling, LPS), deformed SPECT and CT, Jacobian and RGB
 deformation volumes, the TIA, fit-RMSE, model and dose maps, the QA and VOI tables (CSV) and
-``batch.log``. The exit code is 0 only if every patient succeeded; nothing under SERIES is written.
+``batch.log``. The exit code is 0 only if every patient succeeded, 1 if some failed (the others still
+run), 2 if nothing could start (bad arguments, unreadable input, unwritable output); nothing under
+SERIES is written. Each patient is processed in an emptied scene, so memory does not grow per patient.
+Installed extension: the script is ``<extension>/lib/Slicer-X.Y/qt-scripted-modules/Resources/Scripts/CoRXBatch.py``.
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ def process_patient(manifest, out: Path, model: str, device: str, log) -> dict:
                  r.metrics["registered"]["jacobian_nonpositive_percent"])
     written.append(reg.saveNode(registered["qaTable"], out / "registration_qa.csv"))
     labelmap, names = _labelmap_node(manifest, log)
-    maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, labelmapVolumeNode=labelmap,
+    maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, voiNode=labelmap,
                                             segmentNames=names, ctVolumeNode=loaded["ct"][ref])
     for key in ("tia", "fit_rmse", "fit_model", "dose"):
         if key in maps:
@@ -105,28 +108,33 @@ def process_patient(manifest, out: Path, model: str, device: str, log) -> dict:
     return {"patient": manifest.patient_id, "files": [str(p) for p in written]}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="series.json, its folder, or a folder of series folders")
-    parser.add_argument("--output", required=True, help="output folder (one sub-folder per patient)")
-    parser.add_argument("--model", default="bundled", help="'bundled' or a CoRX checkpoint")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    args = parser.parse_args(argv)
-
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+def _log(output: Path):
+    """The batch logger: stdout and ``output/batch.log``."""
     log = logging.getLogger("corx.batch")
     log.setLevel(logging.INFO)
+    for old in log.handlers:
+        old.close()
     log.handlers[:] = [logging.StreamHandler(sys.stdout), logging.FileHandler(output / "batch.log", mode="w")]
     for h in log.handlers:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return log
+
+
+def run(args) -> int:
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        log = _log(output)
+    except OSError as exc:
+        print(f"CoRX batch: cannot write to the output folder {output}: {exc}", file=sys.stderr)
+        return 2
     try:
         from CoRXRegistrationLib.series_io import find_series
         series = find_series(args.input)
     except Exception as exc:                       # a clear one-line reason, non-zero exit
         log.error("cannot read the input %s: %s", args.input, exc)
         return 2
-    _scene()
+    scene = _scene()
     failed = []
     for manifest in series:
         out = output / manifest.patient_id
@@ -134,24 +142,51 @@ def main(argv=None) -> int:
             log.error("%s: the output folder %s would overwrite the input series", manifest.patient_id, out)
             failed.append(manifest.patient_id)
             continue
-        out.mkdir(parents=True, exist_ok=True)
         try:
+            out.mkdir(parents=True, exist_ok=True)
             process_patient(manifest, out, args.model, args.device, log)
         except Exception as exc:
             log.error("%s failed: %s", manifest.patient_id, exc)
             log.debug(traceback.format_exc())
             failed.append(manifest.patient_id)
+        finally:
+            scene.Clear(0)                        # the next patient starts in an empty scene
     log.info("%d of %d patients processed%s", len(series) - len(failed), len(series),
              f"; failed: {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    try:                                            # inside Slicer, leave the application with the code
+def main(argv=None) -> int:
+    """Parse the arguments and run; never raises: every failure is a message and an exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="series.json, its folder, or a folder of series folders")
+    parser.add_argument("--output", required=True, help="output folder (one sub-folder per patient)")
+    parser.add_argument("--model", default="bundled", help="'bundled' or a CoRX checkpoint")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:                     # argparse has printed the reason
+        return 0 if exc.code == 0 else 2
+    try:
+        return run(args)
+    except BaseException as exc:                  # KeyboardInterrupt too: Slicer must still exit
+        print(f"CoRX batch stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        traceback.print_exc()
+        return 2
+
+
+def _exit(code: int) -> None:
+    """Leave with ``code``: inside Slicer through the application (a window-less Slicer left running
+    after a script error would never end), else through sys.exit."""
+    try:
         import slicer
-        if hasattr(slicer, "app") and slicer.app is not None:
+        if getattr(slicer, "app", None) is not None:
             slicer.util.exit(code)
+            return
     except ImportError:
         pass
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main(sys.argv[1:]))
