@@ -192,10 +192,76 @@ def showJacobian(jacobianNode, jacobian):
     display.SetAndObserveColorNodeID(jacobianColorNode().GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevel(2.0, 1.0)
+    display.SetInterpolate(0)               # voxels as they are: a folding voxel stays a black square
     folded = int(np.count_nonzero(np.asarray(jacobian) <= 0))
     jacobianNode.SetAttribute("CoRX.FoldedVoxels", str(folded))
     jacobianNode.SetAttribute("CoRX.FoldedPercent", f"{100.0 * folded / max(np.asarray(jacobian).size, 1):.4f}")
     return folded
+
+
+def _applicationLogic():
+    """Slicer's application logic; under slicer-core one made for slicer.mrmlScene (with its colour
+    tables, which volume display nodes need), kept for the scene's lifetime."""
+    app = getattr(slicer, "app", None)
+    if app is not None:
+        return app.applicationLogic()
+    scene = slicer.mrmlScene
+    cached = getattr(scene, "_corxApplicationLogic", None)
+    if cached is None:
+        logic = slicer.vtkSlicerApplicationLogic()
+        logic.SetMRMLScene(scene)
+        colors = slicer.vtkSlicerColorLogic()
+        colors.SetMRMLScene(scene)
+        cached = scene._corxApplicationLogic = (logic, colors)
+    return cached[0]
+
+
+def renderSliceView(background, foreground=None, foregroundOpacity=0.5, orientation="Axial", offsetMm=None,
+                    sizePx=(320, 320)):
+    """What a slice view shows: ``background`` and optional ``foreground`` volume nodes composed by
+    Slicer's own slice logic with their display nodes (colour tables, window/level, opacity) as they
+    are. Returns an RGB uint8 array (rows top to bottom, columns left to right as on screen).
+    ``offsetMm``: the slice position along the view's normal (RAS mm); default: the volume's centre."""
+    from vtk.util.numpy_support import vtk_to_numpy
+    appLogic = _applicationLogic()
+    for node in (background, foreground):
+        if node is not None and node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+    sliceNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSliceNode")    # takes the scene's default presets
+    sliceNode.UnRegister(None)
+    if not sliceNode.HasSliceOrientationPreset(orientation):             # slicer-core: no application set them
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(slicer.mrmlScene)
+        sliceNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSliceNode")
+        sliceNode.UnRegister(None)
+    if not sliceNode.HasSliceOrientationPreset(orientation):
+        raise ValueError(f"unknown slice orientation {orientation!r}; use Axial, Sagittal or Coronal")
+    sliceNode.SetName(slicer.mrmlScene.GenerateUniqueName("CoRX snapshot"))
+    sliceNode.SetLayoutName(sliceNode.GetName())
+    slicer.mrmlScene.AddNode(sliceNode)
+    logic = slicer.vtkMRMLSliceLogic()
+    try:
+        logic.SetMRMLApplicationLogic(appLogic)
+        logic.SetMRMLScene(slicer.mrmlScene)
+        logic.SetSliceNode(sliceNode)
+        sliceNode.SetOrientation(orientation)
+        sliceNode.SetDimensions(int(sizePx[1]), int(sizePx[0]), 1)
+        composite = logic.GetSliceCompositeNode()
+        composite.SetBackgroundVolumeID(background.GetID())
+        composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+        composite.SetForegroundOpacity(float(foregroundOpacity))
+        logic.FitSliceToAll()
+        if offsetMm is not None:
+            logic.SetSliceOffset(float(offsetMm))
+        producer = logic.GetImageDataConnection().GetProducer()
+        producer.Update()
+        image = producer.GetOutputDataObject(0)
+        w, h, _ = image.GetDimensions()
+        rgba = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
+        return np.ascontiguousarray(rgba[::-1, :, :3])
+    finally:
+        composite = logic.GetSliceCompositeNode()
+        logic.SetMRMLScene(None)
+        removeNodes([composite, sliceNode])
 
 
 def saveNode(node, path):
@@ -429,9 +495,26 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         return found, "volume names"
 
     def showFusion(self, referenceSPECTNode, pair):
-        """Slice views: the reference SPECT under the pair's deformed SPECT at 50 % opacity."""
+        """Slice views: the reference SPECT (grey) under the pair's deformed SPECT (PET heat) at 50 % opacity."""
+        self.styleFusion(referenceSPECTNode, pair["deformedSPECT"])
         slicer.util.setSliceViewerLayers(background=referenceSPECTNode, foreground=pair["deformedSPECT"],
                                          foregroundOpacity=0.5, fit=True)
+
+    @staticmethod
+    def styleFusion(referenceSPECTNode, deformedSPECTNode):
+        """Colours for a reference-vs-deformed fusion: the reference grey, the deformed SPECT in PET heat,
+        both windowed over the same [0, 99.9th percentile of the reference] in Bq/mL, so equal
+        concentrations look equal and misalignment shows as colour beside grey."""
+        top = float(np.percentile(slicer.util.arrayFromVolume(referenceSPECTNode), 99.9)) or 1.0
+        for node, colour in ((referenceSPECTNode, "vtkMRMLColorTableNodeGrey"),
+                             (deformedSPECTNode, "vtkMRMLPETProceduralColorNodePET-Heat")):
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            if slicer.mrmlScene.GetNodeByID(colour) is not None:
+                display.SetAndObserveColorNodeID(colour)
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(0.0, top)
 
     def seriesFromDicom(self, volumeNodes, injection=None, fileForInstance=None):
         """[(hours after injection, CT node, SPECT node)] in time order, from the DICOM headers of the

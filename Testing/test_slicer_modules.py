@@ -350,6 +350,53 @@ def test_self_tests_of_both_modules(mrml_scene):
     TIAMappingTest().runTest()
 
 
+# --------------------------------------------------------------------------- what the user sees
+def test_rendered_jacobian_shows_folding_black_and_volume_change_in_colour(mrml_scene):
+    """Slicer's slice logic composes the Jacobian with its colour table: folding black, 1 white, growth red."""
+    from CoRXRegistration import addVolumeNode, renderSliceView, showJacobian
+    from CoRXRegistrationLib.geometry import Geometry
+    g = Geometry((20, 30, 40), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    smooth = np.ones(g.shape, np.float32)
+    smooth[8:12, 10:20, 10:30] = 1.8
+    folded = smooth.copy()
+    folded[8:12, 14:16, 18:22] = -0.5
+    images = []
+    for name, jac in (("smooth", smooth), ("folded", folded)):
+        node = addVolumeNode(jac, g, name)
+        showJacobian(node, jac)
+        images.append(renderSliceView(node, sizePx=(200, 300)))
+    smooth_img, folded_img = images
+    changed = np.any(smooth_img != folded_img, axis=-1)
+    assert 20 < changed.sum() < 2000
+    assert (folded_img[changed] == 0).all()                                      # folding: black
+    assert (smooth_img[changed] == [255, 52, 52]).all()                          # J = 1.8: red
+    assert ((smooth_img >= 250).all(axis=-1)).sum() > 10000                      # J = 1: white
+
+
+def test_rendered_deformed_spect_sits_on_the_ct_where_the_truth_says(mrml_scene):
+    """A hot block imaged 8 mm to the patient's left of its CT marker: the moving SPECT shows beside the
+    marker on screen (patient left = screen right), the SPECT deformed by the true field on it."""
+    from CoRXRegistration import addVolumeNode, renderSliceView
+    from CoRXRegistrationLib.geometry import Geometry
+    from CoRXRegistrationLib.resample import resample
+    g = Geometry((40, 40, 40), (2.0, 2.0, 2.0), (-40.0, -40.0, -40.0))
+    ct = np.full(g.shape, -100.0, np.float32)
+    ct[16:24, 10:18, 12:20] = 1000.0
+    moving = np.zeros(g.shape, np.float32)
+    moving[16:24, 10:18, 16:24] = 5e5                      # +4 voxels = +8 mm along LPS x (patient left)
+    truth = np.broadcast_to(np.float32([8.0, 0.0, 0.0]), g.shape + (3,)).copy()
+    deformed = resample(moving, g, g, displacement=truth)
+
+    def bright_column(array, name):
+        image = renderSliceView(addVolumeNode(array, g, name), sizePx=(240, 240)).astype(float).mean(axis=-1)
+        rows, cols = np.nonzero(image > 0.5 * image.max())
+        return cols.mean(), rows.mean()
+    marker = bright_column(ct, "CT")
+    before, after = bright_column(moving, "moving SPECT"), bright_column(deformed, "deformed SPECT")
+    assert abs(after[0] - marker[0]) < 1.0 and abs(after[1] - marker[1]) < 1.0, (marker, after)
+    assert before[0] - marker[0] > 10.0, (marker, before)                          # 8 mm = 24 px at 1/3 mm per px
+
+
 # --------------------------------------------------------------------------- the batch
 def run_batch(*args, timeout=120):
     return subprocess.run([sys.executable, str(BATCH), *map(str, args)], capture_output=True, text=True,
