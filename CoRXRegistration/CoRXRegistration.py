@@ -290,6 +290,57 @@ def saveNode(node, path):
     return path
 
 
+def callNow(compute):
+    """The default runner: run ``compute()`` here and now."""
+    return compute()
+
+
+def runKeepingGUIAlive(compute, pump, interval_s=0.05):
+    """Run ``compute()`` (no MRML or Qt inside: arrays in, arrays out) on a worker thread and call
+    ``pump()`` on this thread every ``interval_s`` until it ends — the panel pumps Qt events and shows
+    the progress the worker recorded, so the GUI never freezes and Cancel is seen at once. Returns
+    compute's result or raises its exception here."""
+    import threading
+    box = {}
+
+    def work():
+        try:
+            box["value"] = compute()
+        except BaseException as exc:          # handed to the caller's thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="CoRX compute", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(interval_s)
+        pump()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class PanelProgress:
+    """A panel's progress: ``progress(fraction, text)`` may be called on the worker thread and only
+    records; :meth:`pump` (GUI thread) shows it in the bar and label and processes Qt events;
+    :meth:`run` is the runner the Logic takes."""
+
+    def __init__(self, progressBar, statusLabel):
+        self.progressBar, self.statusLabel = progressBar, statusLabel
+        self.state = (0.0, "starting")
+
+    def __call__(self, fraction, text=""):
+        self.state = (float(fraction), str(text))
+
+    def pump(self):
+        fraction, text = self.state
+        self.progressBar.value = int(100 * fraction)
+        self.statusLabel.text = text
+        slicer.app.processEvents()
+
+    def run(self, compute):
+        return runKeepingGUIAlive(compute, self.pump)
+
+
 def removeNodes(nodes):
     """Remove ``nodes`` (None and non-nodes skipped) from slicer.mrmlScene, with their display and storage nodes."""
     for node in nodes:
@@ -376,7 +427,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
                      device="auto", refineIterations=0, progress=None, cancel=None, name="moving",
-                     spectOffset=None, spectOrganShift=True):
+                     spectOffset=None, spectOrganShift=True, runner=None):
         """Register the moving SPECT/CT onto the fixed one with CoRX.
 
         Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid:
@@ -388,7 +439,10 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         left-right, anterior-posterior, inferior-superior displacement; grey = none), plus "result"
         (the library's RegistrationResult with metrics and timings). ``spectOffset``: None fits the
         SPECT/CT offset and organ shift when the model reads the SPECT, False never;
-        ``spectOrganShift=False`` fits the translation only.
+        ``spectOrganShift=False`` fits the translation only. ``runner(compute)`` runs the node-free
+        computation (arrays in, arrays out) and returns its result: by default it is simply called; the
+        panel runs it on a worker thread and keeps the GUI live (:func:`runKeepingGUIAlive`). Nodes are
+        read before and made after it, on the calling (main) thread.
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
@@ -396,9 +450,9 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
         fixed = sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
         moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
-        result = register(fixed, moving, model=model, device=device, refine_iterations=refineIterations,
-                          progress=progress, cancel=cancel, spect_offset=spectOffset,
-                          spect_offset_config=SpectOffsetConfig(organ_shift=spectOrganShift))
+        result = (runner or callNow)(lambda: register(
+            fixed, moving, model=model, device=device, refine_iterations=refineIterations, progress=progress,
+            cancel=cancel, spect_offset=spectOffset, spect_offset_config=SpectOffsetConfig(organ_shift=spectOrganShift)))
         g_spect, g_ct = result.fixed_spect_geometry, result.fixed_ct_geometry
         nodes = {}
         try:   # all the pair's nodes or none: a failure half-way removes what was made
@@ -421,7 +475,8 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         return nodes
 
     def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",
-                       refineIterations=0, progress=None, cancel=None, spectOffset=None, spectOrganShift=True):
+                       refineIterations=0, progress=None, cancel=None, spectOffset=None, spectOrganShift=True,
+                       runner=None):
         """Register every time point to ``referenceIndex``. Returns {"pairs": {hours: nodes},
         "qaTable": table node with the paper's metrics per registered pair, "registeredSPECT": SPECT node
         per time point on the reference SPECT grid (the reference's own node for the reference),
@@ -429,8 +484,9 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
         ``cancel() -> True`` stops at the next step: the pairs finished so far keep their nodes and
         QA rows, the pair under way leaves nothing, "registeredSPECT" is None (the series is
-        incomplete) and "message" says "cancelled after N of M time points". Raises LogicBusyError
-        while another registration of this Logic runs, ValueError on bad input."""
+        incomplete) and "message" says "cancelled after N of M time points". ``runner``: see
+        :meth:`registerPair`. Raises LogicBusyError while another registration of this Logic runs,
+        ValueError on bad input."""
         from CoRXRegistrationLib.engine import load_model
         from CoRXRegistrationLib.progress import Cancelled
         if not (len(ctNodes) == len(spectNodes) == len(timesH)) or len(timesH) < 2:
@@ -440,12 +496,12 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         with self.busy("a registration"):
             for node in list(ctNodes) + list(spectNodes):
                 volumeNodeGeometry(node)              # refuses un-hardened transforms before any work
-            loaded = load_model(model)
+            loaded = (runner or callNow)(lambda: load_model(model))
             return self._registerEach(ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
-                                      progress, cancel, spectOffset, spectOrganShift, Cancelled)
+                                      progress, cancel, spectOffset, spectOrganShift, Cancelled, runner)
 
     def _registerEach(self, ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
-                      progress, cancel, spectOffset, spectOrganShift, Cancelled):
+                      progress, cancel, spectOffset, spectOrganShift, Cancelled, runner):
         pairs, rows, registered = {}, [], []
         others = [i for i in range(len(timesH)) if i != referenceIndex]
         cancelled = False
@@ -458,7 +514,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                                           spectNodes[i], model=loaded, device=device,
                                           refineIterations=refineIterations, progress=sub, cancel=cancel,
                                           name=f"{timesH[i]:g}h", spectOffset=spectOffset,
-                                          spectOrganShift=spectOrganShift)
+                                          spectOrganShift=spectOrganShift, runner=runner)
             except Cancelled:
                 cancelled = True
                 break
@@ -829,11 +885,7 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if torch is None:
             return
 
-        def progress(fraction, text=""):
-            self.ui.progressBar.value = int(100 * fraction)
-            self.ui.statusLabel.text = text
-            slicer.app.processEvents()          # keeps the GUI (and Cancel) responsive between steps
-
+        progress = PanelProgress(self.ui.progressBar, self.ui.statusLabel)   # compute on a worker, GUI stays live
         rows = self.rows()
         p = self.logic.parameters()
         self.cancelRequested = False
@@ -843,7 +895,8 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 out = self.logic.registerSeries([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                                                 referenceIndex=p["ReferenceIndex"], model=p["ModelPath"] or "bundled",
                                                 device=p["Device"], refineIterations=p["RefineIterations"],
-                                                progress=progress, cancel=lambda: self.cancelRequested)
+                                                progress=progress, cancel=lambda: self.cancelRequested,
+                                                runner=progress.run)
                 self.lastOutputs = out
                 folded = ", ".join(f"{h:g} h: {n['jacobian'].GetAttribute('CoRX.FoldedPercent')} %"
                                    for h, n in out["pairs"].items())

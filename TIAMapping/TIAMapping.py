@@ -6,10 +6,10 @@ code as ``corx tia``. Nothing on this path needs torch.
 import numpy as np
 import slicer
 
-from CoRXRegistration import (PAPER_CITATION, Busy, ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+from CoRXRegistration import (PAPER_CITATION, Busy, PanelProgress, ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget, VTKObservationMixin,
-                              addTableNode, addVolumeNode, readParameters, removeNodes, saveNode, volumeNodeGeometry,
-                              writeParameters)
+                              addTableNode, addVolumeNode, callNow, readParameters, removeNodes, saveNode,
+                              volumeNodeGeometry, writeParameters)
 from TIAMappingLib.pipeline import compute_tia_outputs
 
 
@@ -106,13 +106,14 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
                          "or a label map volume")
 
     def computeTIA(self, spectVolumeNodes, timesHours, voiNode=None, segmentNames=None, ctVolumeNode=None,
-                   progress=None, cancel=None):
+                   progress=None, cancel=None, runner=None):
         """TIA map (Bq h/mL), fit RMSE (Bq/mL), model map and dose (Gy, with CT) as new volume nodes.
 
         spectVolumeNodes: registered SPECT in Bq/mL on one grid, in time order; timesHours: hours
         after injection. VOIs from a segmentation node or a label map (see :meth:`segmentsFromNode`).
         Returns a dict of the new nodes, "voi_rows" and "messages". ``progress(fraction, text)`` is told
-        each step; ``cancel()`` stops between steps with Cancelled and leaves no new node. Raises
+        each step; ``cancel()`` stops between steps with Cancelled and leaves no new node. ``runner(compute)``
+        runs the node-free computation (default: here; the panel: a worker thread). Raises
         ValueError on bad input, LogicBusyError while another computation of this Logic runs.
         """
         if len(spectVolumeNodes) != len(timesHours):
@@ -128,8 +129,9 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
             if ctVolumeNode is not None:
                 ct_geometry = volumeNodeGeometry(ctVolumeNode)
                 ct = slicer.util.arrayFromVolume(ctVolumeNode).astype(np.float32)
-            out = compute_tia_outputs(activities, list(timesHours), geometry, segments, seg_geometry, ct, ct_geometry,
-                                      progress=progress, cancel=cancel)
+            out = (runner or callNow)(lambda: compute_tia_outputs(
+                activities, list(timesHours), geometry, segments, seg_geometry, ct, ct_geometry, progress=progress,
+                cancel=cancel))
             return self._addOutputNodes(out, geometry, list(timesHours))
 
     def _addOutputNodes(self, out, geometry, timesHours):
@@ -263,11 +265,7 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.running:
             return
 
-        def progress(fraction, text=""):
-            self.ui.progressBar.value = int(100 * fraction)
-            self.ui.statusLabel.text = text
-            slicer.app.processEvents()
-
+        progress = PanelProgress(self.ui.progressBar, self.ui.statusLabel)   # compute on a worker, GUI stays live
         self.cancelRequested = False
         self.setRunning(True)
         try:
@@ -276,7 +274,8 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 try:
                     self.result = self.logic.computeTIA(nodes, times, self.ui.voiSelector.currentNode(),
                                                         ctVolumeNode=self.ui.ctSelector.currentNode(),
-                                                        progress=progress, cancel=lambda: self.cancelRequested)
+                                                        progress=progress, cancel=lambda: self.cancelRequested,
+                                                        runner=progress.run)
                 except Cancelled:
                     self.ui.statusLabel.text = "TIA cancelled; no map was made."
                     self.ui.progressBar.value = 0

@@ -268,6 +268,47 @@ def test_a_second_run_during_a_run_is_refused(mrml_scene, small_series, tiny_mod
     assert tia_nested
 
 
+def test_panel_runner_computes_on_a_worker_while_the_gui_thread_pumps(mrml_scene, small_series, tiny_model):
+    """The panel's runner: the computation off the GUI thread, the GUI thread pumping events meanwhile,
+    nodes made on the GUI thread; the worker's exception is raised on the caller."""
+    import threading
+    from CoRXRegistration import CoRXRegistrationLogic, runKeepingGUIAlive
+    cts, spects, times = series_nodes(small_series, 2)
+    pumps, threads = [], set()
+
+    def pump():
+        pumps.append(threading.current_thread().name)
+
+    out = CoRXRegistrationLogic().registerSeries(
+        cts, spects, times, model=tiny_model, device="cpu",
+        progress=lambda f, t="": threads.add(threading.current_thread().name),
+        runner=lambda compute: runKeepingGUIAlive(compute, pump, interval_s=0.01))
+    assert threads == {"CoRX compute"} and pumps and set(pumps) == {threading.current_thread().name}
+    assert out["pairs"][times[1]]["deformedSPECT"].GetScene() is slicer.mrmlScene
+    with pytest.raises(ZeroDivisionError):
+        runKeepingGUIAlive(lambda: 1 / 0, lambda: None)
+
+
+def test_long_steps_stop_inside_when_cancelled():
+    """Cancel is asked inside the long steps (rigid iterations, SPECT fit evaluations, resampling chunks),
+    not only between them, so it takes effect within about a second."""
+    import torch
+    from CoRXRegistrationLib.geometry import Geometry
+    from CoRXRegistrationLib.network.rigid import rigid_prealign
+    from CoRXRegistrationLib.network.spect_offset import fit_spect_offset
+    from CoRXRegistrationLib.progress import Cancelled
+    from CoRXRegistrationLib.resample import resample
+    image = torch.rand(1, 1, 16, 16, 16)
+    with pytest.raises(Cancelled, match="rigid"):
+        rigid_prealign(image, image, 0.1, cancel=lambda: True)
+    with pytest.raises(Cancelled, match="SPECT/CT offset"):
+        fit_spect_offset(image, image, torch.zeros(1, 3, 16, 16, 16), 4.0, cancel=lambda: True)
+    g = Geometry((16, 16, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    with pytest.raises(Cancelled, match="resampling"):
+        resample(np.ones(g.shape, np.float32), g, g, displacement=np.zeros(g.shape + (3,), np.float32),
+                 cancel=lambda: True)
+
+
 def test_tia_reports_progress_and_cancel_leaves_no_node(mrml_scene):
     from CoRXRegistration import addVolumeNode
     from CoRXRegistrationLib.geometry import Geometry

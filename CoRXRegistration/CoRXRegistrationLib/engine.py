@@ -234,7 +234,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         (fct, fsp), (mct, msp) = [(_tensor(c, dev), _tensor(s, dev)) for c, s in inputs]
         t = time.perf_counter()
         report(0.15, f"{cfg.prealign} pre-alignment")
-        initial, mct_pre, msp_pre = prealign_moving(cfg.prealign, fct, mct, msp, cfg.body_level)
+        initial, mct_pre, msp_pre = prealign_moving(cfg.prealign, fct, mct, msp, cfg.body_level, cancel=cancel)
         timings["prealign"] = time.perf_counter() - t
         check_cancel("after pre-alignment")
         t = time.perf_counter()
@@ -253,7 +253,8 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         check_cancel("before the SPECT/CT offset")
         t = time.perf_counter()
         report(0.8, "SPECT/CT offset")
-        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), spect_offset_config, cranio_caudal)
+        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), spect_offset_config, cranio_caudal,
+                               cancel=cancel)
         timings["spect_offset"] = time.perf_counter() - t
         return disp, fit
 
@@ -287,7 +288,10 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     if qa_metrics:
         disp_spect = torch.from_numpy(displacement_lps_to_voxels(result.field_network_spect, grid))[None]
         (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
-        result.metrics = {"identity": registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu)),
+        check_cancel("before the QA metrics")
+        identity = registration_metrics(fct, mct, fsp, msp, torch.zeros_like(disp_cpu))
+        check_cancel("during the QA metrics")
+        result.metrics = {"identity": identity,
                           "registered": registration_metrics(fct, warp(mct, disp_cpu), fsp, warp(msp, disp_spect),
                                                              disp_cpu)}
         timings["metrics"] = time.perf_counter() - t
@@ -295,12 +299,13 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         check_cancel("before native-resolution outputs")
         report(0.85, "native-resolution outputs")
         t = time.perf_counter()
-        result.field_spect = field_on_native_grid(result.field_network_spect, grid, fixed.spect_geometry)
-        result.field_ct = field_on_native_grid(field_network, grid, fixed.ct_geometry)
+        result.field_spect = field_on_native_grid(result.field_network_spect, grid, fixed.spect_geometry, cancel)
+        result.field_ct = field_on_native_grid(field_network, grid, fixed.ct_geometry, cancel)
         result.warped_spect = resample(np.clip(moving.spect, 0, None), moving.spect_geometry, fixed.spect_geometry,
-                                       displacement=result.field_spect)
+                                       displacement=result.field_spect, cancel=cancel)
         result.warped_ct = resample(moving.ct, moving.ct_geometry, fixed.ct_geometry, displacement=result.field_ct,
-                                    fill=-1000.0)
+                                    fill=-1000.0, cancel=cancel)
+        check_cancel("before the Jacobian")
         vox = torch.from_numpy(displacement_lps_to_voxels(result.field_spect, fixed.spect_geometry))
         result.jacobian_spect = jacobian_determinant(vox)[0].numpy()
         timings["native"] = time.perf_counter() - t

@@ -150,6 +150,6 @@ def to_network(session: SpectCt, grid: Geometry, cfg: PreprocessConfig) -> tuple
     return normalise_ct(ct, cfg), normalise_spect(spect, cfg)
 
 
-def field_on_native_grid(field_lps_mm: np.ndarray, grid: Geometry, target: Geometry) -> np.ndarray:
+def field_on_native_grid(field_lps_mm: np.ndarray, grid: Geometry, target: Geometry, cancel=None) -> np.ndarray:
     """The network-grid field (LPS mm) evaluated on a native fixed grid (trilinear upsampling)."""
-    return resample_field(field_lps_mm, grid, target)
+    return resample_field(field_lps_mm, grid, target, cancel=cancel)

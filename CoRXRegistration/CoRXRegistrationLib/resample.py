@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .geometry import Geometry
+from .progress import check_cancel
 
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 
@@ -61,7 +62,7 @@ def sample_at(volume, source: Geometry, points_lps, mode: str = "linear", fill: 
 
 def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacement=None,
              mode: str = "linear", fill: float = 0.0, chunk_slices: int = 32,
-             displacement_spacing_mm: float | None = None, padding: str = "zeros") -> np.ndarray:
+             displacement_spacing_mm: float | None = None, padding: str = "zeros", cancel=None) -> np.ndarray:
     """Resample ``volume`` from ``source`` onto ``target``, through ``displacement`` if given.
 
     displacement: None, a (z, y, x, 3) LPS-mm array on ``target`` (resampling convention),
@@ -71,7 +72,8 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     this saves most of the time on large grids.
     Returns a numpy array on ``target`` (float32 for float input, else the input dtype).
     Outside ``source``: ``fill`` (padding="zeros") or the nearest edge value (padding="border").
-    Work is chunked along z so a large CT grid never needs the whole coordinate grid at once.
+    Work is chunked along z so a large CT grid never needs the whole coordinate grid at once;
+    ``cancel() -> bool`` is asked before every chunk (:class:`.progress.Cancelled`).
     Without a displacement and with padding="zeros" this is SimpleITK's resampler (no torch):
     the same trilinear / nearest values inside ``source``; in the half-voxel band beyond its edge
     voxel centres it keeps the edge value instead of blending towards ``fill``.
@@ -92,6 +94,7 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     nz, ny, nx = target.shape
     jj, ii = np.meshgrid(np.arange(ny, dtype=np.float32), np.arange(nx, dtype=np.float32), indexing="ij")
     for z0 in range(0, nz, chunk_slices):
+        check_cancel(cancel, "while resampling")
         z1 = min(nz, z0 + chunk_slices)
         kk = np.arange(z0, z1, dtype=np.float32)[:, None, None]
         ijk = np.stack(np.broadcast_arrays(ii[None], jj[None], kk), axis=-1)
@@ -155,10 +158,11 @@ def sample_vectors(field_zyx3: np.ndarray, geometry: Geometry, points_lps) -> np
     return np.moveaxis(sample_at(vol, geometry, pts, padding="border").numpy(), 0, -1)
 
 
-def resample_field(field_zyx3: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
+def resample_field(field_zyx3: np.ndarray, source: Geometry, target: Geometry, cancel=None) -> np.ndarray:
     """A (z, y, x, 3) displacement field on ``source`` evaluated on ``target`` (trilinear; edge
     vectors continue outside ``source``). The vectors themselves are physical (LPS mm): unchanged."""
     field = np.asarray(field_zyx3, np.float32)
     if field.shape != source.shape + (3,):
         raise ValueError(f"field shape {field.shape} does not match its geometry {source.shape + (3,)}")
-    return np.stack([resample(field[..., c], source, target, padding="border") for c in range(3)], axis=-1)
+    return np.stack([resample(field[..., c], source, target, padding="border", cancel=cancel) for c in range(3)],
+                    axis=-1)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocess import PREALIGN_METHODS
+from ..progress import check_cancel
 from .transform import _identity_grid, warp
 
 
@@ -70,10 +71,11 @@ def field_of_view_band(fixed_ct: torch.Tensor, body_level: float, margin: int) -
 
 
 def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: float,
-                   cfg: RigidConfig = RigidConfig()) -> tuple:
+                   cfg: RigidConfig = RigidConfig(), cancel=None) -> tuple:
     """Fit the rigid transform taking fixed-grid points to the moving CT (one pair, B = 1).
 
-    ``body_level``: the normalised-CT value of the body threshold. Returns (displacement
+    ``body_level``: the normalised-CT value of the body threshold; ``cancel() -> bool`` is asked every
+    iteration (:class:`..progress.Cancelled`). Returns (displacement
     (1, 3, Z, Y, X) voxels, parameters (6,): angles in radians, translation in voxels)."""
     if fixed_ct.shape[0] != 1 or moving_ct.shape != fixed_ct.shape:
         raise ValueError(f"rigid pre-alignment takes one pair of equal grids, got {tuple(fixed_ct.shape)} "
@@ -88,6 +90,7 @@ def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: 
             level_scale = scale * torch.tensor([1.0] * 3 + [1.0 / factor] * 3, device=fixed_ct.device)
             opt = torch.optim.Adam([params], lr=cfg.lr_rotation)
             for _ in range(iterations):
+                check_cancel(cancel, "during the rigid pre-alignment")
                 u = rigid_displacement(params * level_scale, tuple(f.shape[2:]))
                 cost = (w * (warp(m, u) - f) ** 2).sum() / w.sum()
                 opt.zero_grad()
@@ -98,7 +101,7 @@ def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: 
 
 
 def prealign_moving(method: str, fixed_ct: torch.Tensor, moving_ct: torch.Tensor, moving_spect: torch.Tensor,
-                    body_level: float) -> tuple:
+                    body_level: float, cancel=None) -> tuple:
     """The pre-alignment a model was trained with, applied to a pair's moving images.
 
     Returns (displacement (1, 3, Z, Y, X) voxels, moving CT, moving SPECT) with the moving images
@@ -108,5 +111,5 @@ def prealign_moving(method: str, fixed_ct: torch.Tensor, moving_ct: torch.Tensor
         raise ValueError(f"unknown pre-alignment {method!r}; expected one of {PREALIGN_METHODS}")
     if method == "none":
         return torch.zeros((1, 3) + tuple(fixed_ct.shape[2:]), device=fixed_ct.device), moving_ct, moving_spect
-    u, _ = rigid_prealign(fixed_ct, moving_ct, body_level)
+    u, _ = rigid_prealign(fixed_ct, moving_ct, body_level, cancel=cancel)
     return u, warp(moving_ct, u), warp(moving_spect, u)

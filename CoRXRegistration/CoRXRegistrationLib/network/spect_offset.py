@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..progress import check_cancel
 from .metrics import gaussian_blur, local_cc_squared
 from .transform import warp
 
@@ -86,11 +87,12 @@ def uptake_weight(fixed_spect: torch.Tensor, config: SpectOffsetConfig, spacing_
 
 def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, displacement: torch.Tensor,
                      spacing_mm: float, config: SpectOffsetConfig = SpectOffsetConfig(),
-                     cranio_caudal_voxels=(1.0, 0.0, 0.0)) -> SpectOffsetFit:
+                     cranio_caudal_voxels=(1.0, 0.0, 0.0), cancel=None) -> SpectOffsetFit:
     """Fit the translation and the organ shift (see module docstring). Images (1, 1, Z, Y, X) normalised
     as the network's inputs, ``displacement`` (1, 3, Z, Y, X) voxels of the same grid (resampling
     convention); ``spacing_mm``: the grid's isotropic voxel size; ``cranio_caudal_voxels``: +1 mm along
-    LPS z as a displacement in voxels, channels (z, y, x) (the default: an axial grid of 1 mm voxels)."""
+    LPS z as a displacement in voxels, channels (z, y, x) (the default: an axial grid of 1 mm voxels);
+    ``cancel() -> bool`` is asked at every evaluation (:class:`..progress.Cancelled`)."""
     if fixed_spect.shape[0] != 1 or displacement.shape[0] != 1:
         raise ValueError("the SPECT/CT offset is fitted one pair at a time (batch 1)")
     zero = (0.0, 0.0, 0.0)
@@ -119,6 +121,7 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
 
     def closure():
         nonlocal evaluations
+        check_cancel(cancel, "during the SPECT/CT offset fit")
         evaluations += 1
         optimiser.zero_grad()
         loss = -lncc_at(t, s)
