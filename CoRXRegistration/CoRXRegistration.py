@@ -684,12 +684,13 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     every time point with a progress bar and Cancel; settings live in the module's parameter node."""
 
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # state first: without a parent, the base class calls setup() from its __init__
         self.running = False
         self.cancelRequested = False
         self.updatingGUI = False
         self.lastOutputs = None
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         import qt

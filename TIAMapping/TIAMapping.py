@@ -192,12 +192,13 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     maps, the VOI table, a time-activity chart and CSV out."""
 
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # state first: without a parent, the base class calls setup() from its __init__
         self.result = None
         self.checkedOrder = []
         self.running = False
         self.cancelRequested = False
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)

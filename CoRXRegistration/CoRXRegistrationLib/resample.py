@@ -74,9 +74,9 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     Outside ``source``: ``fill`` (padding="zeros") or the nearest edge value (padding="border").
     Work is chunked along z so a large CT grid never needs the whole coordinate grid at once;
     ``cancel() -> bool`` is asked before every chunk (:class:`.progress.Cancelled`).
-    Without a displacement and with padding="zeros" this is SimpleITK's resampler (no torch):
-    the same trilinear / nearest values inside ``source``; in the half-voxel band beyond its edge
-    voxel centres it keeps the edge value instead of blending towards ``fill``.
+    Without a displacement and with padding="zeros" this is SimpleITK's resampler (no torch), on
+    ``source`` padded by one voxel of ``fill`` so that it gives the same values as the torch path
+    everywhere, the band just outside the edge voxels included (blending towards ``fill``).
     """
     volume = np.asarray(volume)
     if displacement is None and padding == "zeros":
@@ -108,7 +108,10 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
 
 
 def _resample_grid(volume: np.ndarray, source: Geometry, target: Geometry, mode: str, fill: float) -> np.ndarray:
-    """Grid to grid with SimpleITK (identity transform, ``fill`` outside); dtype as :func:`resample`."""
+    """Grid to grid with SimpleITK (identity transform); dtype as :func:`resample`. The source is padded
+    by one voxel of ``fill``: within one voxel outside it the value then blends towards ``fill`` as
+    grid_sample's zero padding does (ITK alone would keep the edge value over half a voxel), which is
+    what the network was trained with."""
     import SimpleITK as sitk
 
     from .imageio import to_sitk
@@ -119,7 +122,10 @@ def _resample_grid(volume: np.ndarray, source: Geometry, target: Geometry, mode:
     floating = np.issubdtype(volume.dtype, np.floating)
     as_bool = volume.dtype == np.bool_
     data = volume.astype(np.float32) if floating else volume.astype(np.uint8) if as_bool else volume
-    image = to_sitk(np.ascontiguousarray(data), source)
+    padded = np.pad(data, 1, constant_values=np.asarray(fill).astype(data.dtype))
+    padded_grid = Geometry(tuple(n + 2 for n in source.shape), source.spacing,
+                           tuple(source.index_to_lps([-1.0, -1.0, -1.0])), source.direction)
+    image = to_sitk(padded, padded_grid)
     out = sitk.Resample(image, list(target.size_xyz), sitk.Transform(),
                         sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor,
                         list(target.origin), list(target.spacing), list(target.direction), float(fill),
