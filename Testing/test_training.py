@@ -182,6 +182,7 @@ def test_short_epochs_validate_after_their_steps(data_dir, tmp_path):
     assert card["training"]["loss"].endswith("0.0008 diffusion (the paper's Eq. 2-5 without its SPECT LNCC term)")
     assert any("drops the paper's SPECT LNCC term" in x for x in card["known_limits"])
     assert card["validation"]["displacement_error_body_mm"] == short["history"][0]["val_displacement_error_body_mm"]
+    assert str(tmp_path) not in json.dumps(card) and card["training"]["train_config"]["out"] == "<training>/short"
 
 
 def test_ddp_with_two_cpu_processes(data_dir, tmp_path):

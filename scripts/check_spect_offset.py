@@ -3,7 +3,7 @@ used to choose its settings.
 
 Registers every moving time point of each series to its reference with the bundled model three
 times: ``register(..., spect_offset=False)`` (the CT-driven field alone), the translation alone
-(``SpectOffsetConfig(organ_shift=False)``, the engine of sessions 9-10) and the default (translation
+(``SpectOffsetConfig(organ_shift=False)``, the engine of d52d405-03f5966) and the default (translation
 plus the organ shift). Prints the SPECT-field error against the true motion in the body, organs and
 tumours (mm), the fitted translation (LPS mm) and organ shift (mm, + superior), and the means.
 Default: the validation patients of the training recipe (126, 127) and fresh seeds 6000-6002, SNUH

@@ -196,19 +196,23 @@ def _cmd_benchmark(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corx", description="CoRX: SPECT/CT registration and 177Lu voxel dosimetry")
+    from . import __version__
+    p = argparse.ArgumentParser(prog="corx", description="CoRX: SPECT/CT registration and 177Lu voxel dosimetry. "
+                                "Units: CT in HU, SPECT in Bq/mL, times in hours after injection, distances in mm.")
+    p.add_argument("--version", action="version", version=f"corx {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="simulate a serial 177Lu-DOTATATE SPECT/CT series with ground truth")
     s.add_argument("--out", required=True, help="output folder (series.json, volumes, truth/, preview.png)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the simulated patient (default 0)")
     s.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural",
                    help="patient15 is the real-anatomy validation phantom: never train on it")
     s.add_argument("--times", type=float, nargs="+", default=[4.0, 24.0, 48.0, 120.0], help="hours after injection")
     s.add_argument("--reference-index", type=int, default=0, help="index of the reference (fixed) time point")
-    s.add_argument("--injected-mbq", type=float, default=7400.0)
-    s.add_argument("--preset", choices=["clinical", "small"], default="clinical")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--injected-mbq", type=float, default=7400.0, help="injected activity in MBq (default 7400)")
+    s.add_argument("--preset", choices=["clinical", "small"], default="clinical",
+                   help="clinical grids (CT 1.5x1.5x3.75 mm, SPECT 4.42 mm) or small ones (CT 3x3x5 mm, SPECT 7 mm)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing series in --out")
     s.set_defaults(func=_cmd_simulate)
 
     t = sub.add_parser("tia", help="TIA, fit-quality, dose maps and VOI tables from registered SPECT volumes")
@@ -216,17 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--times", type=float, nargs="+", required=True, help="hours after injection, one per SPECT")
     t.add_argument("--segmentation", help="label map or Slicer .seg.nrrd (any grid; resampled onto the SPECT)")
     t.add_argument("--ct", help="CT in HU (any grid) for the mass density of the dose calculation")
-    t.add_argument("--stp-half-life", type=float, help="population effective half-life (h) for one time point")
-    t.add_argument("--out", required=True)
-    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--stp-half-life", type=float,
+                   help="population effective half-life in hours, for a single time point "
+                        "(mono-exponential through it)")
+    t.add_argument("--out", required=True, help="output folder for the maps (NIfTI) and tables (CSV)")
+    t.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
     t.set_defaults(func=_cmd_tia)
 
     d = sub.add_parser("demo", help="the main job on a simulated patient, end to end, into an output folder")
-    d.add_argument("--out", default="output/demo")
+    d.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
     d.add_argument("--input", help="your own series (a series.json or its folder) instead of a simulated one")
-    d.add_argument("--seed", type=int, default=1001)
-    d.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural")
-    d.add_argument("--preset", choices=["clinical", "small"], default="clinical")
+    d.add_argument("--seed", type=int, default=1001, help="simulated patient (default 1001, held out of training)")
+    d.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural",
+                   help="procedural anatomy or the real patient15 anatomy (validation only)")
+    d.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
     d.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     d.set_defaults(func=_cmd_demo)
@@ -236,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     mi.set_defaults(func=_cmd_model_info)
 
     r = sub.add_parser("register", help="register a moving SPECT/CT onto a fixed SPECT/CT with a CoRX model")
-    for name in ("fixed-ct", "fixed-spect", "moving-ct", "moving-spect"):
-        r.add_argument(f"--{name}", required=True)
-    r.add_argument("--out", required=True)
+    for name, what in (("fixed-ct", "the reference CT (HU)"), ("fixed-spect", "the reference SPECT (Bq/mL)"),
+                       ("moving-ct", "the CT to align (HU)"), ("moving-spect", "the SPECT to align (Bq/mL)")):
+        r.add_argument(f"--{name}", required=True, help=f"{what}: NIfTI, NRRD or MHA")
+    r.add_argument("--out", required=True, help="output folder: fields (LPS mm), warped volumes, Jacobian, metrics")
     r.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     r.add_argument("--refine", type=int, default=0, help="instance-optimisation iterations after the network")
@@ -247,33 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "exactly")
     r.add_argument("--no-organ-shift", action="store_true",
                    help="fit the SPECT/CT translation only, not the cranio-caudal shift of the uptake organs")
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
     r.set_defaults(func=_cmd_register)
 
     pd = sub.add_parser("prepare-data", help="pack training patients onto the network grid")
-    pd.add_argument("--out", required=True)
+    pd.add_argument("--out", required=True, help="folder for the packed patient files")
     src = pd.add_mutually_exclusive_group(required=True)
     src.add_argument("--simulate", type=int, help="number of simulated procedural patients")
     src.add_argument("--series", help="a series.json, or a folder of series folders (your own data)")
-    pd.add_argument("--first-seed", type=int, default=100)
-    pd.add_argument("--preset", choices=["clinical", "small"], default="clinical")
-    pd.add_argument("--spect-normalisation", choices=["log", "minmax"], default="log")
+    pd.add_argument("--first-seed", type=int, default=100, help="seed of the first simulated patient (default 100)")
+    pd.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
+    pd.add_argument("--spect-normalisation", choices=["log", "minmax"], default="log",
+                    help="SPECT intensity normalisation: min-max then log (the paper's, default) or min-max")
     pd.set_defaults(func=_cmd_prepare_data)
 
     tr = sub.add_parser("train", help="unsupervised training (resumes from OUT/last.pt); works under torchrun")
     tr.add_argument("--data", required=True, help="folder of patient files from prepare-data")
-    tr.add_argument("--out", required=True)
-    tr.add_argument("--network", default="corx-cpu")
+    tr.add_argument("--out", required=True, help="run folder: last.pt (resume), best.pt, history")
+    tr.add_argument("--network", default="corx-cpu", help="a named configuration (corx model-info lists them)")
     tr.add_argument("--network-overrides", help='JSON, e.g. \'{"diffeomorphic": true}\'')
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--lambda-spect", type=float, default=0.1)
-    tr.add_argument("--lambda-reg", type=float, default=8e-4)
-    tr.add_argument("--val-patients", type=int, default=2)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--no-augment", action="store_true")
-    tr.add_argument("--checkpoint-every", type=int, default=25)
-    tr.add_argument("--max-minutes", type=float)
+    tr.add_argument("--epochs", type=int, default=10, help="passes over the training pairs (default 10)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument("--lambda-spect", type=float, default=0.1, help="weight of the SPECT LNCC term (paper 0.1)")
+    tr.add_argument("--lambda-reg", type=float, default=8e-4, help="weight of the diffusion regulariser (paper 8e-4)")
+    tr.add_argument("--val-patients", type=int, default=2, help="patients held out for validation (default 2)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the split, shuffles and augmentation")
+    tr.add_argument("--no-augment", action="store_true", help="no left-right flips or z rotations (+-5 degrees)")
+    tr.add_argument("--checkpoint-every", type=int, default=25, help="steps between saves of last.pt (default 25)")
+    tr.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this many minutes of wall time")
     tr.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many steps in all")
     tr.add_argument("--epoch-steps", type=int,
                     help="steps per epoch, each followed by validation (default: every training pair once)")
@@ -287,17 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
 
     ex = sub.add_parser("export-model", help="float16 weights + model card from a training checkpoint")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--checkpoint", required=True, help="a training checkpoint (e.g. run/best.pt)")
+    ex.add_argument("--out", required=True, help="the model file to write (.pt); its card goes beside it (.json, .md)")
     ex.add_argument("--run", help="training folder (history and wall time for the card)")
-    ex.add_argument("--float32", action="store_true")
+    ex.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
     ex.set_defaults(func=_cmd_export_model)
 
     ev = sub.add_parser("evaluate", help="identity vs Elastix vs TransMorph vs CoRX on series with ground truth")
-    ev.add_argument("--out", default="output/evaluation")
+    ev.add_argument("--out", default="output/evaluation", help="report, tables, figures and resume/ (default "
+                                                                "output/evaluation)")
     ev.add_argument("--seeds", type=int, nargs="+",
                     help="held-out simulation seeds (training used 100-127; default 5000 5001 5002, with --quick 5000)")
-    ev.add_argument("--no-patient15", action="store_true")
+    ev.add_argument("--no-patient15", action="store_true", help="leave out the patient15-anatomy series")
     ev.add_argument("--protocols", nargs="+", choices=["snuh", "smc"], default=["snuh", "smc"],
                     help="the paper's time-point protocols to run: SNUH 4, 24, 48, 120 h; SMC 0.5, 4, 24, 48 h "
                          "(parts of one full run can go to separate processes with the same --out)")
@@ -306,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "training_checkpoints/models/transmorph-cpu.pt of a source checkout)")
     ev.add_argument("--corx-nocs", help="a CoRX-without-cross-stitch checkpoint trained the same way (default: the "
                                         "committed training_checkpoints/models/corx-cpu-nocs.pt when present)")
-    ev.add_argument("--elastix-iterations", type=int, default=1000)
+    ev.add_argument("--elastix-iterations", type=int, default=1000,
+                    help="Elastix iterations per resolution (paper set-up: 1000, 4 resolutions)")
     ev.add_argument("--refine", type=int, default=20, help="refinement iterations of the corx-refine method")
-    ev.add_argument("--preset", choices=["clinical", "small"], default="clinical")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     ev.add_argument("--quick", action="store_true",
                     help="small patients (seed 5000 unless --seeds), 3 time points (4-48 h), 100 Elastix iterations, "
                          "5 refinement iterations")
@@ -324,11 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time; "
                                          "register() time per pair")
     b.add_argument("--configs", nargs="+", default=["corx-paper", "corx-paper-nocs", "transmorph-paper",
-                                                    "corx-cpu", "corx-cpu-nocs", "transmorph-cpu"])
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--skip-networks", action="store_true")
-    b.add_argument("--skip-tia", action="store_true")
+                                                    "corx-cpu", "corx-cpu-nocs", "transmorph-cpu"],
+                   help="network configurations to time (default: the paper's and the CPU-sized ones)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up; the median is printed")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    b.add_argument("--skip-networks", action="store_true", help="skip the forward-pass table")
+    b.add_argument("--skip-tia", action="store_true", help="skip timing the voxel TIA fit")
     b.add_argument("--skip-register", action="store_true", help="skip timing register() on a clinical pair")
     b.set_defaults(func=_cmd_benchmark)
     return p

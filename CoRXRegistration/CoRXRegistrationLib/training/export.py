@@ -28,22 +28,37 @@ LIMITS = [
 ]
 
 
+def portable_path(value):
+    """A path as a card may show it: an absolute path becomes ``<training>/`` + its last part (a folder)
+    or last two parts (a file), so no machine's folders are published; anything else is unchanged."""
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        return value
+    parts = Path(value).parts
+    return "<training>/" + "/".join(parts[-2:] if Path(value).suffix else parts[-1:])
+
+
+def portable_config(train_config: dict) -> dict:
+    """``train_config`` with every path value made portable (:func:`portable_path`)."""
+    return {k: portable_path(v) for k, v in train_config.items()}
+
+
 def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
-    """Write the shippable model and its card; returns the card."""
+    """Write the shippable model and its card (paths made portable); returns the card."""
     network, payload = load_checkpoint(checkpoint)
     meta = dict(payload.get("meta", {}))
+    init = meta.get("train_config", {}).get("init")
+    meta["train_config"] = portable_config(meta.get("train_config", {}))
     history, elapsed, step = [], None, meta.get("step")
     if run_dir and (Path(run_dir) / "last.pt").is_file():
         tr = read_checkpoint(Path(run_dir) / "last.pt").get("training", {})
         history, elapsed, step_total = tr.get("history", []), tr.get("elapsed_s"), tr.get("step")
     else:
         step_total = step
-    init = meta.get("train_config", {}).get("init")
     initialised_from = None
     if init and Path(init).is_file():             # a fine-tuned model: say what it started from
         start = read_checkpoint(init).get("meta", {})
         initialised_from = {"checkpoint": Path(init).name, "steps": start.get("step"), "epoch": start.get("epoch"),
-                            "train_config": start.get("train_config", {})}
+                            "train_config": portable_config(start.get("train_config", {}))}
     out = Path(out)
     meta_out = {"name": out.stem, "trained_step": step, "validation": meta.get("validation", {}),
                 "train_config": meta.get("train_config", {})}
