@@ -38,7 +38,7 @@ def test_the_blocker_blocks(tmp_path):
 
 def test_tia_command_runs_without_torch(tmp_path):
     """`corx tia` end to end (maps, dose, VOI table) in a process that cannot import torch."""
-    done = run_blocked(f"""
+    done = run_blocked("""
         import numpy as np
         from CoRXRegistrationLib.geometry import Geometry
         from CoRXRegistrationLib.imageio import write_image
@@ -46,7 +46,7 @@ def test_tia_command_runs_without_torch(tmp_path):
         g = Geometry((6, 7, 8), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
         lam = np.log(2) / 60.0
         times = [4.0, 24.0, 48.0, 120.0]
-        paths = [str(write_image(f"s{{t:g}}.nii.gz", np.full(g.shape, 1e5 * np.exp(-lam * t), np.float32), g))
+        paths = [str(write_image(f"s{t:g}.nii.gz", np.full(g.shape, 1e5 * np.exp(-lam * t), np.float32), g))
                  for t in times]
         labels = np.zeros(g.shape, np.uint8); labels[2:4, 2:5, 2:6] = 1
         write_image("labels.nii.gz", labels, g)

@@ -38,7 +38,6 @@ from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric
 from .resample import resample
 
 
-
 class DeviceError(RuntimeError):
     """The requested compute device does not exist on this machine."""
 
