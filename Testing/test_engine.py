@@ -156,3 +156,33 @@ def test_qa_metrics_can_be_skipped_for_speed(small_series, tiny_model):
                       native_outputs=False, qa_metrics=False)
     assert result.metrics == {} and "metrics" not in result.timings_s and result.field_spect is None
     assert result.field_network.shape == result.grid.shape + (3,)
+
+
+def test_corx_register_series_registers_every_time_point_once_and_refuses_before_work(small_series_dir, tiny_model,
+                                                                                      tmp_path, capsys):
+    import json
+
+    from CoRXRegistrationLib.cli import main
+    from CoRXRegistrationLib.imageio import read_displacement_field, read_image
+    out = tmp_path / "series_out"
+    assert main(["register-series", str(small_series_dir), "--out", str(out), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "threads" in printed and "registered 3 time points" in printed
+    qa = json.loads((out / "registration_qa.json").read_text())
+    assert list(qa["pairs"]) == ["24 h", "48 h", "120 h"]
+    manifest = json.loads((small_series_dir / "series.json").read_text())
+    _, reference = read_image(small_series_dir / manifest["time_points"][0]["spect"])
+    for hours in (24, 48, 120):
+        field, g = read_displacement_field(out / f"t{hours}h" / "field_spect.nrrd")
+        assert g.same_grid(reference) and np.isfinite(field).all()
+    # a second run without --overwrite stops before any registration, naming the folder
+    before = (out / "t24h" / "field_spect.nrrd").stat().st_mtime_ns
+    assert main(["register-series", str(small_series_dir), "--out", str(out), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "t24h holds earlier outputs" in err
+    assert (out / "t24h" / "field_spect.nrrd").stat().st_mtime_ns == before
+    # an output folder inside the input series is refused
+    assert main(["register-series", str(small_series_dir), "--out", str(small_series_dir / "reg")]) == 2
+    assert "inside the input series" in capsys.readouterr().err

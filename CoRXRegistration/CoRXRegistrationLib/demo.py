@@ -39,12 +39,17 @@ def resampled_to_reference(sessions: list, reference_index: int, fields: dict | 
 
 
 def register_series(sessions: list, times_h, reference_index: int, out_dir, model="bundled", device="auto",
-                    overwrite=True) -> tuple:
-    """Register every time point to the reference with CoRX; write each pair's outputs under
-    ``out_dir/t<hours>h/``. Returns (SPECT list on the reference SPECT grid, time index ->
-    {"field", "jacobian", "metrics", "seconds", "timings_s", "device"})."""
+                    overwrite=True, protected=(), spect_offset=None, spect_offset_config=None) -> tuple:
+    """Register every time point to the reference with CoRX, the model loaded once; write each pair's
+    outputs under ``out_dir/t<hours>h/`` (without ``overwrite``, every output folder is checked before
+    any work; ``protected``: the user's inputs, never written). Returns (SPECT list on the reference
+    SPECT grid, time index -> {"field", "jacobian", "metrics", "seconds", "timings_s", "device"})."""
     from .engine import load_model, register, write_registration
 
+    folders = {i: Path(out_dir) / f"t{h:g}h" for i, h in enumerate(times_h) if i != reference_index}
+    taken = [str(f) for f in folders.values() if f.is_dir() and any(f.iterdir())]
+    if taken and not overwrite:
+        raise FileExistsError(f"{taken[0]} holds earlier outputs; choose another output folder or pass --overwrite")
     model = load_model(model)
     aligned, pairs = [], {}
     for i, h in enumerate(times_h):
@@ -52,8 +57,9 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
             aligned.append(np.asarray(sessions[i].spect, np.float32))
             continue
         result = register(sessions[reference_index], sessions[i], model=model, device=device,
-                          progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"))
-        write_registration(result, Path(out_dir) / f"t{h:g}h", overwrite=overwrite)
+                          progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"),
+                          spect_offset=spect_offset, spect_offset_config=spect_offset_config)
+        write_registration(result, folders[i], overwrite=overwrite, protected=protected)
         aligned.append(result.warped_spect)
         pairs[i] = {"field": result.field_spect, "jacobian": result.jacobian_spect, "metrics": result.metrics,
                     "seconds": round(result.timings_s["total"], 2), "device": result.device,
