@@ -194,14 +194,16 @@ def spect_offset_note(fit, mm: np.ndarray) -> str:
 
 def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
              progress=None, cancel=None, native_outputs: bool = True, qa_metrics: bool = True,
-             spect_offset: bool | None = None, spect_offset_config: SpectOffsetConfig = SpectOffsetConfig()
+             spect_offset: bool | None = None, spect_offset_config: SpectOffsetConfig | None = None
              ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (see module docstring). ``progress(fraction, text)`` and
     ``cancel() -> bool`` are optional callbacks; cancelling raises RegistrationCancelled.
     ``qa_metrics=False`` skips the paper's metrics before/after (about 2.7 s of SSIM on 2 CPU cores).
     ``spect_offset``: fit the SPECT/CT offset; None = when the model reads the SPECT (CoRX, not TransMorph);
-    ``spect_offset_config``: the fit's settings (``SpectOffsetConfig(organ_shift=False)``: translation only)."""
+    ``spect_offset_config``: the fit's settings (None: the defaults; ``SpectOffsetConfig(organ_shift=False)``:
+    translation only)."""
     report = progress or (lambda f, t="": None)
+    spect_offset_config = spect_offset_config or SpectOffsetConfig()
     timings, notes = {}, []
 
     def check_cancel(where):
