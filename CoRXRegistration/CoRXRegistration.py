@@ -488,7 +488,6 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         :meth:`registerPair`. Raises LogicBusyError while another registration of this Logic runs,
         ValueError on bad input."""
         from CoRXRegistrationLib.engine import load_model
-        from CoRXRegistrationLib.progress import Cancelled
         if not (len(ctNodes) == len(spectNodes) == len(timesH)) or len(timesH) < 2:
             raise ValueError("give one CT, one SPECT and one time (h) per time point, at least 2 time points")
         if not 0 <= referenceIndex < len(timesH):
@@ -498,18 +497,18 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                 volumeNodeGeometry(node)              # refuses un-hardened transforms before any work
             loaded = (runner or callNow)(lambda: load_model(model))
             return self._registerEach(ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
-                                      progress, cancel, spectOffset, spectOrganShift, Cancelled, runner)
+                                      progress, cancel, spectOffset, spectOrganShift, runner)
 
     def _registerEach(self, ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
-                      progress, cancel, spectOffset, spectOrganShift, Cancelled, runner):
-        pairs, rows, registered = {}, [], []
+                      progress, cancel, spectOffset, spectOrganShift, runner):
+        from CoRXRegistrationLib.progress import Cancelled, check_cancel
+        pairs, rows = {}, []
         others = [i for i in range(len(timesH)) if i != referenceIndex]
         cancelled = False
         for n, i in enumerate(others):
             sub = None if progress is None else (lambda f, t="", n=n: progress((n + f) / len(others), t))
             try:
-                if cancel is not None and cancel():
-                    raise Cancelled("registration cancelled")
+                check_cancel(cancel, "before the next time point")
                 nodes = self.registerPair(ctNodes[referenceIndex], spectNodes[referenceIndex], ctNodes[i],
                                           spectNodes[i], model=loaded, device=device,
                                           refineIterations=refineIterations, progress=sub, cancel=cancel,

@@ -136,17 +136,7 @@ def test_readme_gives_the_installed_batch_path():
 slicer = pytest.importorskip("slicer")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small untrained CoRX checkpoint on a 64^3 grid: fast, and its field is whatever it predicts."""
-    import torch
-    from CoRXRegistrationLib.network import build_network, named_config
-    from CoRXRegistrationLib.network.checkpoint import save_checkpoint
-    from CoRXRegistrationLib.preprocess import PreprocessConfig
-    torch.manual_seed(0)
-    prep = PreprocessConfig(grid_size=(64, 64, 64), spacing_mm=7.74, prealign="none")
-    return str(save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", build_network(named_config("corx-tiny")),
-                               prep.to_dict()))
+from test_engine import tiny_model  # noqa: E402,F401  the small untrained checkpoint fixture the engine tests use
 
 
 def series_nodes(series, n=None):
@@ -486,7 +476,7 @@ def test_batch_empties_the_scene_after_every_patient(mrml_scene, small_series_di
         return original(*args, **kwargs)
     CoRXBatch.process_patient = counting
     try:
-        code = CoRXBatch.main(["--input", str(cohort), "--output", str(tmp_path / "out"), "--model", tiny_model,
+        code = CoRXBatch.main(["--input", str(cohort), "--output", str(tmp_path / "out"), "--model", str(tiny_model),
                                "--device", "cpu"])
     finally:
         CoRXBatch.process_patient = original
