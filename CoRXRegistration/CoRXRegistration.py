@@ -267,25 +267,28 @@ def renderSliceView(background, foreground=None, foregroundOpacity=0.5, orientat
 def saveNode(node, path):
     """Write ``node`` (volume, transform, table) to ``path`` with its storage node, as Slicer's Save does:
     the node's own storage node, or a default one that is attached to the node (no orphan piles up).
-    The file is written under a temporary name in the same folder and renamed when complete, so a
-    failed write leaves neither a partial file nor a damaged older one."""
-    import os
-    import uuid
+    The file is written under a temporary name in the same folder, checked (complete voxel data) and
+    renamed, so a failed write leaves neither a partial file nor a damaged older one."""
     from pathlib import Path
+
+    from CoRXRegistrationLib.imageio import ImageFileError, check_file_complete
+    from CoRXRegistrationLib.outputs import atomic_path
+
+    def verify(tmp):
+        try:
+            check_file_complete(tmp)
+        except ImageFileError as exc:
+            raise OSError(f"could not write '{node.GetName()}' to {path} completely (disk full?): {exc}") from None
+
     path = Path(path)
     storage = node.GetStorageNode()
     if storage is None:
         storage = slicer.mrmlScene.AddNode(node.CreateDefaultStorageNode())
         node.SetAndObserveStorageNodeID(storage.GetID())
-    partial = path.with_name(f".partial-{uuid.uuid4().hex[:8]}-{path.name}")
-    storage.SetFileName(str(partial))
-    try:
-        if not storage.WriteData(node) or not partial.is_file():
+    with atomic_path(path, verify) as partial:
+        storage.SetFileName(str(partial))
+        if not storage.WriteData(node):
             raise OSError(f"could not write '{node.GetName()}' to {path}")
-        os.replace(partial, path)
-    finally:
-        for leftover in path.parent.glob(f"{partial.name.split(path.name)[0]}*"):
-            leftover.unlink()
     storage.SetFileName(str(path))
     return path
 
@@ -427,7 +430,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
                      device="auto", refineIterations=0, progress=None, cancel=None, name="moving",
-                     spectOffset=None, spectOrganShift=True, runner=None):
+                     spectOffset=None, spectOrganShift=True, runner=None, allow=()):
         """Register the moving SPECT/CT onto the fixed one with CoRX.
 
         Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid:
@@ -442,7 +445,9 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         ``spectOrganShift=False`` fits the translation only. ``runner(compute)`` runs the node-free
         computation (arrays in, arrays out) and returns its result: by default it is simply called; the
         panel runs it on a worker thread and keeps the GUI live (:func:`runKeepingGUIAlive`). Nodes are
-        read before and made after it, on the calling (main) thread.
+        read before and made after it, on the calling (main) thread. Both sessions pass the input checks
+        of ``CoRXRegistrationLib.validate`` (CT in HU, SPECT in Bq/mL, spacing); ``allow``: checks to
+        turn into warnings (in the result's notes).
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
@@ -452,7 +457,8 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
         result = (runner or callNow)(lambda: register(
             fixed, moving, model=model, device=device, refine_iterations=refineIterations, progress=progress,
-            cancel=cancel, spect_offset=spectOffset, spect_offset_config=SpectOffsetConfig(organ_shift=spectOrganShift)))
+            cancel=cancel, spect_offset=spectOffset, spect_offset_config=SpectOffsetConfig(organ_shift=spectOrganShift),
+            allow=allow))
         g_spect, g_ct = result.fixed_spect_geometry, result.fixed_ct_geometry
         nodes = {}
         try:   # all the pair's nodes or none: a failure half-way removes what was made
@@ -476,7 +482,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerSeries(self, ctNodes, spectNodes, timesH, referenceIndex=0, model="bundled", device="auto",
                        refineIterations=0, progress=None, cancel=None, spectOffset=None, spectOrganShift=True,
-                       runner=None):
+                       runner=None, allow=()):
         """Register every time point to ``referenceIndex``. Returns {"pairs": {hours: nodes},
         "qaTable": table node with the paper's metrics per registered pair, "registeredSPECT": SPECT node
         per time point on the reference SPECT grid (the reference's own node for the reference),
@@ -485,22 +491,25 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         ``cancel() -> True`` stops at the next step: the pairs finished so far keep their nodes and
         QA rows, the pair under way leaves nothing, "registeredSPECT" is None (the series is
         incomplete) and "message" says "cancelled after N of M time points". ``runner``: see
-        :meth:`registerPair`. Raises LogicBusyError while another registration of this Logic runs,
-        ValueError on bad input."""
+        :meth:`registerPair`; ``allow``: see :meth:`registerPair`. Raises LogicBusyError while another
+        registration of this Logic runs, ValueError on bad input (before any time point is registered)."""
         from CoRXRegistrationLib.engine import load_model
         if not (len(ctNodes) == len(spectNodes) == len(timesH)) or len(timesH) < 2:
             raise ValueError("give one CT, one SPECT and one time (h) per time point, at least 2 time points")
         if not 0 <= referenceIndex < len(timesH):
             raise ValueError(f"reference index {referenceIndex} is not one of the {len(timesH)} time points")
         with self.busy("a registration"):
-            for node in list(ctNodes) + list(spectNodes):
-                volumeNodeGeometry(node)              # refuses un-hardened transforms before any work
+            from CoRXRegistrationLib.validate import allowed_checks, check_hours, check_session
+            allow = allowed_checks(allow)
+            check_hours(sorted(timesH), "times", allow=allow)
+            for i, (ct, spect) in enumerate(zip(ctNodes, spectNodes)):   # every input, before any work
+                check_session(sessionFromNodes(ct, spect, f"{timesH[i]:g} h"), allow)
             loaded = (runner or callNow)(lambda: load_model(model))
             return self._registerEach(ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
-                                      progress, cancel, spectOffset, spectOrganShift, runner)
+                                      progress, cancel, spectOffset, spectOrganShift, runner, allow)
 
     def _registerEach(self, ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
-                      progress, cancel, spectOffset, spectOrganShift, runner):
+                      progress, cancel, spectOffset, spectOrganShift, runner, allow):
         from CoRXRegistrationLib.progress import Cancelled, check_cancel
         pairs, rows = {}, []
         others = [i for i in range(len(timesH)) if i != referenceIndex]
@@ -513,7 +522,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                                           spectNodes[i], model=loaded, device=device,
                                           refineIterations=refineIterations, progress=sub, cancel=cancel,
                                           name=f"{timesH[i]:g}h", spectOffset=spectOffset,
-                                          spectOrganShift=spectOrganShift, runner=runner)
+                                          spectOrganShift=spectOrganShift, runner=runner, allow=allow)
             except Cancelled:
                 cancelled = True
                 break
@@ -600,25 +609,21 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         return [(hours, nodes[ct], nodes[spect]) for hours, ct, spect in rows]
 
     def loadSeries(self, manifestPath, loadTruth=True):
-        """Load a CoRX series (``series.json``) as volume nodes; returns {"ct": [...], "spect": [...], ...}."""
-        import json
-        from pathlib import Path
-
+        """Load a CoRX series (``series.json``, checked against its schema) as volume nodes; returns
+        {"ct": [...], "spect": [...], "times_h": [...], "truth_transforms": {hours: node}}."""
         from CoRXRegistrationLib.imageio import read_displacement_field, read_image
+        from CoRXRegistrationLib.series_io import read_series
 
-        manifestPath = Path(manifestPath)
-        manifest = json.loads(manifestPath.read_text())
-        base = manifestPath.parent
-        out = {"ct": [], "spect": [], "times_h": [], "truth_transforms": {}}
-        for point in manifest["time_points"]:
-            tag = f"{point['hours']:g}h"
-            for key in ("ct", "spect"):
-                array, geometry = read_image(base / point[key])
-                out[key].append(addVolumeNode(array, geometry, f"{key.upper()} {tag}"))
-            out["times_h"].append(point["hours"])
-            if loadTruth and "field_spect" in point.get("truth", {}):
-                field, g = read_displacement_field(base / point["truth"]["field_spect"])
-                out["truth_transforms"][point["hours"]] = gridTransformNodeFromField(field, g, f"True SPECT field {tag}")
+        manifest = read_series(manifestPath)
+        out = {"ct": [], "spect": [], "times_h": list(manifest.hours), "truth_transforms": {}}
+        for i, hours in enumerate(manifest.hours):
+            for key, path in (("ct", manifest.ct_paths[i]), ("spect", manifest.spect_paths[i])):
+                array, geometry = read_image(path)
+                out[key].append(addVolumeNode(array, geometry, f"{key.upper()} {hours:g}h"))
+            truth = manifest.truth_path(i, "field_spect") if loadTruth else None
+            if truth is not None:
+                field, g = read_displacement_field(truth)
+                out["truth_transforms"][hours] = gridTransformNodeFromField(field, g, f"True SPECT field {hours:g}h")
         return out
 
 

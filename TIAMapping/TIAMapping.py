@@ -106,15 +106,17 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
                          "or a label map volume")
 
     def computeTIA(self, spectVolumeNodes, timesHours, voiNode=None, segmentNames=None, ctVolumeNode=None,
-                   progress=None, cancel=None, runner=None):
+                   progress=None, cancel=None, runner=None, allow=()):
         """TIA map (Bq h/mL), fit RMSE (Bq/mL), model map and dose (Gy, with CT) as new volume nodes.
 
         spectVolumeNodes: registered SPECT in Bq/mL on one grid, in time order; timesHours: hours
         after injection. VOIs from a segmentation node or a label map (see :meth:`segmentsFromNode`).
         Returns a dict of the new nodes, "voi_rows" and "messages". ``progress(fraction, text)`` is told
         each step; ``cancel()`` stops between steps with Cancelled and leaves no new node. ``runner(compute)``
-        runs the node-free computation (default: here; the panel: a worker thread). Raises
-        ValueError on bad input, LogicBusyError while another computation of this Logic runs.
+        runs the node-free computation (default: here; the panel: a worker thread). Inputs pass the
+        checks of ``CoRXRegistrationLib.validate`` (SPECT in Bq/mL, CT in HU, times, segment coverage);
+        ``allow``: checks to turn into warnings (in "messages"). Raises ValueError on bad input,
+        LogicBusyError while another computation of this Logic runs.
         """
         if len(spectVolumeNodes) != len(timesHours):
             raise ValueError(f"{len(spectVolumeNodes)} SPECT volumes but {len(timesHours)} times")
@@ -131,7 +133,9 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
                 ct = slicer.util.arrayFromVolume(ctVolumeNode).astype(np.float32)
             out = (runner or callNow)(lambda: compute_tia_outputs(
                 activities, list(timesHours), geometry, segments, seg_geometry, ct, ct_geometry, progress=progress,
-                cancel=cancel))
+                cancel=cancel, allow=allow, labels=[f"'{n.GetName()}' ({t:g} h)" for n, t in zip(spectVolumeNodes,
+                                                                                                 timesHours)],
+                ct_label=f"CT '{ctVolumeNode.GetName()}'" if ctVolumeNode is not None else "CT"))
             return self._addOutputNodes(out, geometry, list(timesHours))
 
     def _addOutputNodes(self, out, geometry, timesHours):
@@ -155,9 +159,10 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
     def timeActivityChart(self, voiRows, timesHours):
         """A table (hours, then MBq per segment) and a plot chart with one series per segment, as the
         Plots module shows them. Returns (table node, chart node)."""
+        from TIAMappingLib.voi import time_labels
         rows = [r for r in voiRows if r.get("status") == "ok"]
-        columns = [{"hours": float(t), **{r["segment"]: float(r[f"total_mbq_{t:g}h"]) for r in rows}}
-                   for t in timesHours]
+        columns = [{"hours": float(t), **{r["segment"]: float(r[f"total_mbq_{tag}"]) for r in rows}}
+                   for t, tag in zip(timesHours, time_labels(timesHours))]
         table = addTableNode(columns, "Time-activity curves (MBq)")
         chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "Time-activity curves")
         chart.SetXAxisTitle("hours after injection")
@@ -316,7 +321,8 @@ class TIAMappingTest(ScriptedLoadableModuleTest):
         times = [4.0, 24.0, 48.0, 120.0]
         lam = np.log(2) / 50.0
         nodes = [addVolumeNode(np.full(g.shape, 1e5 * np.exp(-lam * t), np.float32), g, f"SPECT {t}h") for t in times]
-        result = TIAMappingLogic().computeTIA(nodes, times)
+        # a uniform 4^3 volume is neither sparse nor a patient's activity: those input checks are allowed
+        result = TIAMappingLogic().computeTIA(nodes, times, allow=["spect-units", "spect-activity"])
         tia = slicer.util.arrayFromVolume(result["tia"])
         self.assertAlmostEqual(float(tia.mean()) / (1e5 / lam), 1.0, places=3)
         self.delayDisplay("uniform mono-exponential TIA passed")

@@ -85,7 +85,7 @@ def test_own_series_input(demo, tmp_path):
     folder = tmp_path / "P001"
     folder.mkdir()
     (folder / "series.json").write_text(json.dumps(own))
-    with pytest.raises(ValueError, match="outside the series"):
+    with pytest.raises(ValueError, match="inside the input series"):
         run_demo(src, input_path=src, device="cpu")            # would write into the user's series
     report = run_demo(tmp_path / "result", input_path=folder, device="cpu")
     assert report["vois"] == {}                                 # no truth to compare against

@@ -181,7 +181,7 @@ def test_corx_register_series_registers_every_time_point_once_and_refuses_before
     assert main(["register-series", str(small_series_dir), "--out", str(out), "--model", str(tiny_model),
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "t24h holds earlier outputs" in err
+    assert "exists (an earlier result)" in err and "--overwrite" in err
     assert (out / "t24h" / "field_spect.nrrd").stat().st_mtime_ns == before
     # an output folder inside the input series is refused
     assert main(["register-series", str(small_series_dir), "--out", str(small_series_dir / "reg")]) == 2

@@ -52,7 +52,8 @@ def test_tia_command_runs_without_torch(tmp_path):
         write_image("labels.nii.gz", labels, g)
         write_image("ct.nii.gz", np.zeros(g.shape, np.float32), g)
         code = main(["tia", "--spect", *paths, "--times", *map(str, times), "--segmentation", "labels.nii.gz",
-                     "--ct", "ct.nii.gz", "--out", "out"])
+                     "--ct", "ct.nii.gz", "--out", "out",      # uniform test volumes: not a patient's SPECT/CT
+                     "--allow", "spect-units", "spect-activity", "ct-units"])
         assert code == 0, code
         import sys
         assert "torch" not in sys.modules and "matplotlib" not in sys.modules

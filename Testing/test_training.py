@@ -96,8 +96,42 @@ def test_masked_training_refuses_data_packed_without_fields_of_view(data_dir, tm
         session_field_of_view(old, 0)
     common = dict(data=str(data_dir), network="corx-tiny", epochs=1, val_patients=1, seed=3, checkpoint_every=100)
     train(TrainConfig(out=str(tmp_path / "r"), max_steps=1, loss_mask="none", **common), log=lambda *a: None)
-    with pytest.raises(ValueError, match="loss-mask none"):             # no silent switch of the loss on resume
+    with pytest.raises(ValueError, match="loss_mask: 'none' -> 'fov'"):             # no silent switch of the loss on resume
         train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, loss_mask="fov", **common), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("change", [{"seed": 4}, {"prealign": "none"}, {"lr": 5e-4}, {"data": "elsewhere"},
+                                    {"network_overrides": {"diffeomorphic": True}}])
+def test_resume_refuses_changed_run_settings_and_keeps_the_saved_state(data_dir, tmp_path, change):
+    common = dict(data=str(data_dir), network="corx-tiny", epochs=1, val_patients=1, seed=3, checkpoint_every=100)
+    run = tmp_path / "r"
+    train(TrainConfig(out=str(run), max_steps=1, **common), log=lambda *a: None)
+    saved = (run / "last.pt").read_bytes()
+    if change.get("data") == "elsewhere":                 # the same files under another folder is other data
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        for f in data_dir.glob("*.pt"):
+            (other / f.name).write_bytes(f.read_bytes())
+        change = {"data": str(other)}
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"{key}: |another network configuration"):
+        train(TrainConfig(out=str(run), max_steps=2, **{**common, **change}), log=lambda *a: None)
+    assert (run / "last.pt").read_bytes() == saved        # the saved state and its config are untouched
+
+
+def test_ctrl_c_saves_last_pt_after_the_step_and_resumes(data_dir, tmp_path):
+    """SIGINT during training (here raised from the progress callback, in the main thread, as a terminal's
+    Ctrl-C is): the step under way finishes, last.pt is saved, the run says so; the same command resumes."""
+    import signal
+    common = dict(data=str(data_dir), network="corx-tiny", epochs=1, val_patients=1, seed=3, checkpoint_every=100,
+                  max_steps=4)
+    run = tmp_path / "r"
+    result = train(TrainConfig(out=str(run), **common), log=lambda *a: None,
+                   progress=lambda f, t="": signal.raise_signal(signal.SIGINT))
+    assert result["stopped"] == "interrupted" and result["step"] == 1 and (run / "last.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler           # the handler is given back
+    resumed = train(TrainConfig(out=str(run), **common), log=lambda *a: None)
+    assert resumed["stopped"] == "step budget" and resumed["step"] == 4
 
 
 def test_augmentation_applies_the_same_transform_to_every_image():

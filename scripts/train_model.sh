@@ -49,4 +49,4 @@ if [ "$CT_STEPS" -gt 0 ]; then
   FINAL=$RUN3
 fi
 mkdir -p "$(dirname "$EXPORT")"
-$CORX export-model --checkpoint "$FINAL/best.pt" --run "$FINAL" --out "$EXPORT"
+$CORX export-model --checkpoint "$FINAL/best.pt" --run "$FINAL" --out "$EXPORT" --overwrite

@@ -22,13 +22,27 @@ COMPARISON_TRANSMORPH = COMPARISON_MODELS / "transmorph-cpu.pt"
 COMPARISON_CORX_NOCS = COMPARISON_MODELS / "corx-cpu-nocs.pt"
 
 
+def _allow(args) -> frozenset:
+    from .validate import allowed_checks
+    return allowed_checks(getattr(args, "allow", None))
+
+
 def _cmd_simulate(args) -> int:
     from .simulation import SimulationConfig, simulate_series, write_series
     from .simulation.preview import save_series_preview
+    from .simulation.series import series_outputs
+
+    if len(args.times) < 2:
+        raise ValueError(f"--times: a series needs at least 2 time points, got {args.times}")
+    if not 0 <= args.reference_index < len(args.times):
+        raise ValueError(f"--reference-index {args.reference_index} is not one of the {len(args.times)} time points")
 
     cfg = SimulationConfig.preset(args.preset, seed=args.seed, anatomy=args.anatomy,
                                   times_h=tuple(args.times), reference_index=args.reference_index,
                                   injected_mbq=args.injected_mbq)
+    plan = series_outputs(cfg, args.out)          # before simulating: refuses a folder of other files
+    if not args.overwrite:
+        plan.prepare(overwrite=False)             # and an existing series
     t0 = time.perf_counter()
     series = simulate_series(cfg, progress=TerminalProgress(f"simulate seed {args.seed}"))
     t_sim = time.perf_counter() - t0
@@ -45,7 +59,7 @@ def _cmd_tia(args) -> int:
 
     t0 = time.perf_counter()
     outputs = run_tia_files(args.spect, args.times, args.out, segmentation=args.segmentation, ct=args.ct,
-                            population_half_life_h=args.stp_half_life, overwrite=args.overwrite)
+                            population_half_life_h=args.stp_half_life, overwrite=args.overwrite, allow=_allow(args))
     for msg in outputs.messages:
         print(f"note: {msg}")
     for row in outputs.voi_rows:
@@ -62,7 +76,7 @@ def _cmd_tia(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.out, preset=args.preset, seed=args.seed, anatomy=args.anatomy, overwrite=True, model=args.model,
-             device=args.device, input_path=args.input)
+             device=args.device, input_path=args.input, allow=_allow(args))
     return 0
 
 
@@ -90,18 +104,19 @@ def _cmd_model_info(args) -> int:
 
 
 def _cmd_register(args) -> int:
-    from .engine import register, write_registration
+    from .engine import register, registration_outputs, write_registration
+    from .network.spect_offset import SpectOffsetConfig
     from .series_io import read_session
 
+    allow = _allow(args)
+    inputs = [args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect]
+    plan = registration_outputs(args.out, protected=inputs).prepare(args.overwrite)     # before any work
     fixed = read_session(args.fixed_ct, args.fixed_spect, "fixed")
     moving = read_session(args.moving_ct, args.moving_spect, "moving")
-    from .network.spect_offset import SpectOffsetConfig
-
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
                       progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None,
-                      spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift))
-    files = write_registration(result, args.out, overwrite=args.overwrite,
-                               protected=[args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect])
+                      spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift), allow=allow)
+    files = write_registration(result, plan, network_field=args.network_field)
     for note in result.notes:
         print(f"note: {note}")
     for stage in ("identity", "registered"):
@@ -117,15 +132,17 @@ def _cmd_register_series(args) -> int:
     import SimpleITK as sitk
     import torch
 
-    from .demo import register_series, registration_summary
+    from .demo import check_outside_inputs, register_series, registration_summary
     from .network.spect_offset import SpectOffsetConfig
+    from .outputs import OutputSet, write_text
     from .series_io import read_series
 
     t0 = time.perf_counter()
+    allow = _allow(args)
     manifest = read_series(args.series)
     out = Path(args.out)
-    if out.resolve() == manifest.folder.resolve() or manifest.folder.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {out} lies inside the input series {manifest.folder}; choose a folder outside it")
+    check_outside_inputs(out, manifest)
+    qa = OutputSet(out, ["registration_qa.json"]).prepare(args.overwrite)
     print(f"{manifest.patient_id}: {len(manifest.hours)} time points {manifest.hours} h, reference "
           f"{manifest.hours[manifest.reference_index]:g} h; torch {torch.get_num_threads()} threads, "
           f"ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads")
@@ -134,9 +151,14 @@ def _cmd_register_series(args) -> int:
                                device=args.device, overwrite=args.overwrite,
                                protected=[manifest.path, *manifest.ct_paths, *manifest.spect_paths],
                                spect_offset=False if args.no_spect_offset else None,
-                               spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift))
+                               spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift),
+                               allow=allow, network_field=args.network_field)
     summary = registration_summary(pairs, manifest.hours)
-    (out / "registration_qa.json").write_text(json.dumps({"series": str(manifest.path), "pairs": summary}, indent=2))
+    write_text(qa.path("registration_qa.json"), json.dumps({"series": str(manifest.path), "pairs": summary},
+                                                           indent=2))
+    for i, row in pairs.items():
+        for note in row["notes"]:
+            print(f"note ({manifest.hours[i]:g} h): {note}")
     for tp, row in summary.items():
         m = row["metrics"]
         print(f"{tp:>7}: SPECT LNCC {m['identity']['spect_lncc']:.4f} -> {m['registered']['spect_lncc']:.4f}, "
@@ -151,7 +173,7 @@ def _cmd_prepare_data(args) -> int:
 
     cfg = PreprocessConfig(spect_normalisation=args.spect_normalisation)
     if args.series:
-        files = prepare_series(args.out, args.series, cfg)
+        files = prepare_series(args.out, args.series, cfg, overwrite=args.overwrite)
     else:
         files = prepare_simulated(args.out, range(args.first_seed, args.first_seed + args.simulate), args.preset, cfg)
     print(f"{len(files)} patient files in {args.out}")
@@ -161,7 +183,12 @@ def _cmd_prepare_data(args) -> int:
 def _cmd_train(args) -> int:
     from .training.loop import TrainConfig, train
 
-    overrides = json.loads(args.network_overrides) if args.network_overrides else {}
+    try:
+        overrides = json.loads(args.network_overrides) if args.network_overrides else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--network-overrides is not valid JSON: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--network-overrides must be a JSON object of configuration fields, got {overrides!r}")
     cfg = TrainConfig(data=args.data, out=args.out, network=args.network, network_overrides=overrides,
                       epochs=args.epochs, lr=args.lr, val_patients=args.val_patients, seed=args.seed,
                       augment=not args.no_augment, checkpoint_every=args.checkpoint_every,
@@ -176,7 +203,7 @@ def _cmd_train(args) -> int:
 def _cmd_export_model(args) -> int:
     from .training.export import export_model
 
-    card = export_model(args.checkpoint, args.out, run_dir=args.run, half=not args.float32)
+    card = export_model(args.checkpoint, args.out, run_dir=args.run, half=not args.float32, overwrite=args.overwrite)
     print(f"wrote {args.out} ({card['parameters']:,} parameters, sha256 {card['sha256'][:16]}...) and its model card")
     return 0
 
@@ -227,6 +254,13 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _add_allow(parser) -> None:
+    from .validate import CHECKS
+    parser.add_argument("--allow", nargs="+", choices=list(CHECKS), metavar="CHECK", default=[],
+                        help="turn these input checks into warnings (printed and stored with the results); "
+                             "one of: " + ", ".join(CHECKS))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="corx", description="CoRX: SPECT/CT registration and 177Lu voxel dosimetry. "
@@ -256,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="population effective half-life in hours, for a single time point "
                         "(mono-exponential through it)")
     t.add_argument("--out", required=True, help="output folder for the maps (NIfTI) and tables (CSV)")
-    t.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier result set in --out (all of it: no stale dose or VOI table is kept)")
+    _add_allow(t)
     t.set_defaults(func=_cmd_tia)
 
     d = sub.add_parser("demo", help="the main job on a simulated patient, end to end, into an output folder")
@@ -268,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
     d.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_allow(d)
     d.set_defaults(func=_cmd_demo)
 
     mi = sub.add_parser("model-info", help="parameter counts of every named network next to the paper's")
@@ -287,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exactly")
     r.add_argument("--no-organ-shift", action="store_true",
                    help="fit the SPECT/CT translation only, not the cranio-caudal shift of the uptake organs")
-    r.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
+    r.add_argument("--network-field", action="store_true",
+                   help="also write the CT-driven field on the network grid (field_network.nrrd, 26 MB)")
+    r.add_argument("--overwrite", action="store_true", help="replace the earlier result set in --out")
+    _add_allow(r)
     r.set_defaults(func=_cmd_register)
 
     rs = sub.add_parser("register-series", help="register every time point of a series.json onto its reference "
@@ -299,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     rs.add_argument("--no-spect-offset", action="store_true", help="as for register")
     rs.add_argument("--no-organ-shift", action="store_true", help="as for register")
-    rs.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
+    rs.add_argument("--network-field", action="store_true", help="as for register")
+    rs.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
+    _add_allow(rs)
     rs.set_defaults(func=_cmd_register_series)
 
     pd = sub.add_parser("prepare-data", help="pack training patients onto the network grid")
@@ -311,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
     pd.add_argument("--spect-normalisation", choices=["log", "minmax"], default="log",
                     help="SPECT intensity normalisation: min-max then log (the paper's, default) or min-max")
+    pd.add_argument("--overwrite", action="store_true",
+                    help="with --series: replace earlier patient files of the same ids (simulated patients already "
+                         "in --out are kept, so an interrupted preparation continues)")
     pd.set_defaults(func=_cmd_prepare_data)
 
     tr = sub.add_parser("train", help="unsupervised training (resumes from OUT/last.pt); works under torchrun")
@@ -344,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the model file to write (.pt); its card goes beside it (.json, .md)")
     ex.add_argument("--run", help="training folder (history and wall time for the card)")
     ex.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export (weights and card together)")
     ex.set_defaults(func=_cmd_export_model)
 
     ev = sub.add_parser("evaluate", help="identity vs Elastix vs TransMorph vs CoRX on series with ground truth")
@@ -391,12 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one sub-command. Bad input, a refused output or a failed write: one line on stderr, exit 2
+    (nothing partial is left); Ctrl-C: exit 130."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, GeometryError, ImageFileError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, GeometryError, ImageFileError, OSError, RuntimeError) as exc:
         print(f"corx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"corx {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

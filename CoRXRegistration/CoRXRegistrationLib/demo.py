@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from TIAMappingLib.pipeline import compute_tia_outputs, write_tia_outputs
+from TIAMappingLib.voi import time_labels
 
 from .evaluation import tia_truth_comparison
 from .imageio import read_segmentation, write_image
+from .outputs import inside, write_text
 from .progress import TerminalProgress
 from .resample import resample
 from .simulation import SimulationConfig, simulate_series, write_series
@@ -39,17 +41,20 @@ def resampled_to_reference(sessions: list, reference_index: int, fields: dict | 
 
 
 def register_series(sessions: list, times_h, reference_index: int, out_dir, model="bundled", device="auto",
-                    overwrite=True, protected=(), spect_offset=None, spect_offset_config=None) -> tuple:
+                    overwrite=True, protected=(), spect_offset=None, spect_offset_config=None, allow=(),
+                    network_field=False) -> tuple:
     """Register every time point to the reference with CoRX, the model loaded once; write each pair's
-    outputs under ``out_dir/t<hours>h/`` (without ``overwrite``, every output folder is checked before
-    any work; ``protected``: the user's inputs, never written). Returns (SPECT list on the reference
-    SPECT grid, time index -> {"field", "jacobian", "metrics", "seconds", "timings_s", "device"})."""
-    from .engine import load_model, register, write_registration
+    outputs under ``out_dir/t<hours>h/``. Every output set is checked before any work (``protected``:
+    the user's inputs, never written; ``overwrite`` replaces whole earlier sets). Returns (SPECT list on
+    the reference SPECT grid, time index -> {"field", "jacobian", "metrics", "seconds", "timings_s",
+    "device", "notes"})."""
+    from .engine import load_model, register, registration_outputs, write_registration
 
-    folders = {i: Path(out_dir) / f"t{h:g}h" for i, h in enumerate(times_h) if i != reference_index}
-    taken = [str(f) for f in folders.values() if f.is_dir() and any(f.iterdir())]
-    if taken and not overwrite:
-        raise FileExistsError(f"{taken[0]} holds earlier outputs; choose another output folder or pass --overwrite")
+    tags = time_labels(times_h)
+    plans = {i: registration_outputs(Path(out_dir) / f"t{tags[i]}", protected) for i in range(len(times_h))
+             if i != reference_index}
+    for plan in plans.values():
+        plan.prepare(overwrite)
     model = load_model(model)
     aligned, pairs = [], {}
     for i, h in enumerate(times_h):
@@ -58,11 +63,11 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
             continue
         result = register(sessions[reference_index], sessions[i], model=model, device=device,
                           progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"),
-                          spect_offset=spect_offset, spect_offset_config=spect_offset_config)
-        write_registration(result, folders[i], overwrite=overwrite, protected=protected)
+                          spect_offset=spect_offset, spect_offset_config=spect_offset_config, allow=allow)
+        write_registration(result, plans[i], network_field=network_field)
         aligned.append(result.warped_spect)
         pairs[i] = {"field": result.field_spect, "jacobian": result.jacobian_spect, "metrics": result.metrics,
-                    "seconds": round(result.timings_s["total"], 2), "device": result.device,
+                    "seconds": round(result.timings_s["total"], 2), "device": result.device, "notes": result.notes,
                     "timings_s": {k: round(v, 2) for k, v in result.timings_s.items()}}
     return aligned, pairs
 
@@ -90,16 +95,21 @@ def registration_summary(pairs: dict, times_h, series=None) -> dict:
     return summary
 
 
+def check_outside_inputs(out, manifest) -> None:
+    """Refuse an output folder inside the input series' folder, or one that holds any input file."""
+    inputs = [manifest.path, *manifest.ct_paths, *manifest.spect_paths]
+    held = [f for f in inputs if inside(f, out)]
+    if inside(out, manifest.folder) or held:
+        raise ValueError(f"--out {out} lies inside the input series {manifest.folder} or holds its files; choose an "
+                         "output folder outside it, so that nothing you gave is overwritten or mixed with results")
+
+
 def _load_input(input_path, out: Path, overwrite: bool, preset: str, seed: int, anatomy: str) -> dict:
     """The series to run on: the user's own (manifest or folder) or a freshly simulated one."""
     if input_path is not None:
         from .series_io import read_series
         manifest = read_series(input_path)
-        inputs = [manifest.path, *manifest.ct_paths, *manifest.spect_paths]
-        inside = [f for f in inputs if out.resolve() in Path(f).resolve().parents]
-        if inside:
-            raise ValueError(f"--out {out} holds the input {inside[0]}; choose an output folder outside the series "
-                             "so that nothing you gave is overwritten")
+        check_outside_inputs(out, manifest)
         sessions = [manifest.session(i) for i in range(len(manifest.hours))]
         seg = manifest.raw.get("segmentation")
         segments, seg_g = read_segmentation(manifest.folder / seg) if seg else (None, None)
@@ -117,7 +127,7 @@ def _load_input(input_path, out: Path, overwrite: bool, preset: str, seed: int, 
 
 
 def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwrite=True, model="bundled",
-             device="auto", input_path=None) -> dict:
+             device="auto", input_path=None, allow=()) -> dict:
     """Series -> CoRX registration of every time point -> TIA, dose, VOI tables -> report.
 
     With ``input_path`` (a series.json or its folder) the user's own series is used; a manifest
@@ -133,7 +143,7 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
     ref_g = sessions[ref].spect_geometry
     t1 = time.perf_counter()
     corx_aligned, pairs = register_series(sessions, times_h, ref, out / "corx_registration" / "registration",
-                                          model=model, device=device, overwrite=overwrite)
+                                          model=model, device=device, overwrite=overwrite, allow=allow)
     timing["corx_registration"] = time.perf_counter() - t1
     methods = {"no_registration": lambda: resampled_to_reference(sessions, ref),
                "corx_registration": lambda: corx_aligned}
@@ -147,7 +157,8 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
         aligned = aligned_by[key] = align()
         bar(0.3, "voxel TIA, dose, VOIs")
         outputs = compute_tia_outputs(aligned, times_h, ref_g, data["segments"], data["segmentation_geometry"],
-                                      np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry)
+                                      np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry,
+                                      allow=allow)
         write_tia_outputs(outputs, out / key, list(times_h), [str(data["manifest"])], overwrite=overwrite)
         for i, a in enumerate(aligned):
             write_image(out / key / f"spect_on_reference_{times_h[i]:g}h.nii.gz", a, ref_g)
@@ -178,8 +189,8 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
     timing["total"] = time.perf_counter() - t0
     report["timing_s"] = {k: round(v, 2) for k, v in timing.items()}
     report["timing_share_pct"] = {k: round(100.0 * v / timing["total"], 1) for k, v in timing.items() if k != "total"}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=2))
+    write_text(out / "report.md", _markdown(report))
     print(_markdown(report))
     return report
 

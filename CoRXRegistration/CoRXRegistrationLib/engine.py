@@ -32,10 +32,12 @@ from .network.networks import RegistrationNetwork
 from .network.rigid import prealign_moving
 from .network.spect_offset import SpectOffsetConfig, fit_spect_offset
 from .network.transform import compose, integrate_velocity, warp
+from .outputs import OutputSet
 from .progress import Cancelled, check_cancel
 from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
                          normalise_ct, normalise_spect, onto_grid)
 from .resample import resample
+from .validate import check_session
 
 
 class DeviceError(RuntimeError):
@@ -194,15 +196,16 @@ def spect_offset_note(fit, mm: np.ndarray) -> str:
 
 def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
              progress=None, cancel=None, native_outputs: bool = True, qa_metrics: bool = True,
-             spect_offset: bool | None = None, spect_offset_config: SpectOffsetConfig | None = None
-             ) -> RegistrationResult:
+             spect_offset: bool | None = None, spect_offset_config: SpectOffsetConfig | None = None,
+             allow=()) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (see module docstring). ``progress(fraction, text)`` and
     ``cancel() -> bool`` are optional callbacks; cancelling raises RegistrationCancelled (= progress.Cancelled),
     also from inside the long steps.
     ``qa_metrics=False`` skips the paper's metrics before/after (about 2.7 s of SSIM on 2 CPU cores).
     ``spect_offset``: fit the SPECT/CT offset; None = when the model reads the SPECT (CoRX, not TransMorph);
     ``spect_offset_config``: the fit's settings (None: the defaults; ``SpectOffsetConfig(organ_shift=False)``:
-    translation only)."""
+    translation only). Both sessions pass the validation layer first (:func:`validate.check_session`;
+    ``allow``: checks turned into warnings, kept in ``notes``)."""
     report = progress or (lambda f, t="": None)
     spect_offset_config = spect_offset_config or SpectOffsetConfig()
     timings, notes = {}, []
@@ -210,6 +213,9 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     t0 = time.perf_counter()
     fixed.validate()
     moving.validate()
+    check_session(fixed, allow, notes)
+    check_session(moving, allow, notes)
+    identical = fixed.same_scans(moving)
     torch_device, message = select_device(device)
     notes.append(message)
     model = load_model(model, "cpu")
@@ -279,6 +285,10 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         if offset_fit.organ_weight is not None:
             organ_weight = offset_fit.organ_weight[0, 0].detach().float().cpu().numpy()
     field_network = displacement_voxels_to_lps(disp_cpu[0].numpy(), grid)
+    if identical:
+        mean_mm = float(np.linalg.norm(field_network, axis=-1).mean())
+        notes.append(f"warning: the fixed and moving scans are identical; the mean displacement {mean_mm:.2f} mm "
+                     "is the method's noise floor, not motion")
     result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry,
                                 spect_offset_mm=offset_mm, spect_organ_shift_mm=organ_mm,
                                 spect_organ_weight=organ_weight, timings_s=timings,
@@ -312,28 +322,31 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     return result
 
 
-def write_registration(result: RegistrationResult, out_dir, protected=(), overwrite: bool = False) -> dict:
-    """Write a RegistrationResult: Slicer-loadable displacement fields (NRRD, resampling, LPS mm) on
-    the fixed SPECT grid and on the network grid, warped CT/SPECT, Jacobian, RGB deformation, metrics.
-    Refuses to overwrite any path in ``protected`` (the user's inputs) and, unless ``overwrite``,
-    any existing output."""
+REGISTRATION_OUTPUTS = ("field_spect.nrrd", "warped_spect.nii.gz", "warped_ct.nii.gz", "jacobian.nii.gz",
+                        "deformation_rgb.nrrd", "field_network.nrrd", "metrics.json")
+
+
+def registration_outputs(out_dir, protected=()) -> OutputSet:
+    """The files :func:`write_registration` writes into ``out_dir`` (check with ``.prepare(overwrite)``
+    before registering); ``protected``: the user's inputs, never written."""
+    return OutputSet(out_dir, REGISTRATION_OUTPUTS, inputs=protected)
+
+
+def write_registration(result: RegistrationResult, out_dir, protected=(), overwrite: bool = False,
+                       network_field: bool = False) -> dict:
+    """Write a RegistrationResult: the Slicer-loadable displacement field (NRRD, resampling, LPS mm) on
+    the fixed SPECT grid, warped CT/SPECT, Jacobian, RGB deformation, metrics; the CT-driven field on
+    the network grid only with ``network_field``. ``out_dir``: a folder (checked here: never an input in
+    ``protected``, an existing result only with ``overwrite``, which replaces the whole earlier set) or
+    an :class:`OutputSet` from :func:`registration_outputs` already prepared. Files are written atomically."""
     import json
 
     from .imageio import write_displacement_field, write_image
     from .network.metrics import deformation_rgb
+    from .outputs import write_text
 
-    out = Path(out_dir)
-    files = {"field_spect": out / "field_spect.nrrd", "field_network": out / "field_network.nrrd",
-             "warped_spect": out / "warped_spect.nii.gz", "warped_ct": out / "warped_ct.nii.gz",
-             "jacobian": out / "jacobian.nii.gz", "deformation_rgb": out / "deformation_rgb.nrrd",
-             "metrics": out / "metrics.json"}
-    guarded = {Path(p).resolve() for p in protected}
-    for f in files.values():
-        if f.resolve() in guarded:
-            raise FileExistsError(f"output {f} would overwrite an input; choose another output folder")
-        if f.exists() and not overwrite:
-            raise FileExistsError(f"{f} exists; choose another output folder or pass overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    plan = out_dir if isinstance(out_dir, OutputSet) else registration_outputs(out_dir, protected).prepare(overwrite)
+    files = {Path(n).name.split(".")[0]: plan.path(n) for n in plan.names}
     if result.field_spect is not None:
         write_displacement_field(files["field_spect"], result.field_spect, result.fixed_spect_geometry)
         write_image(files["warped_spect"], result.warped_spect, result.fixed_spect_geometry)
@@ -341,7 +354,8 @@ def write_registration(result: RegistrationResult, out_dir, protected=(), overwr
         write_image(files["jacobian"], result.jacobian_spect, result.fixed_spect_geometry)
         write_image(files["deformation_rgb"], deformation_rgb(result.field_spect).numpy(),
                     result.fixed_spect_geometry, is_vector=True)
-    write_displacement_field(files["field_network"], result.field_network, result.grid)
+    if network_field or result.field_spect is None:
+        write_displacement_field(files["field_network"], result.field_network, result.grid)
     summary = {"metrics": result.metrics, "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                "device": result.device, "notes": result.notes, "network_grid": result.grid.to_dict(),
                "spect_offset_mm_lps": [round(float(v), 3) for v in result.spect_offset_mm],
@@ -352,6 +366,7 @@ def write_registration(result: RegistrationResult, out_dir, protected=(), overwr
                          "warped_ct": "HU"},
                "fields": {"field_spect": "what the SPECT follows: CT-driven field + SPECT/CT offset + "
                                          "organ shift (uptake weight x shift, along LPS z)",
-                          "field_network": "CT-driven field on the network grid (without the SPECT/CT offset)"}}
-    files["metrics"].write_text(json.dumps(summary, indent=2))
+                          "field_network": "CT-driven field on the network grid (without the SPECT/CT offset); "
+                                           "written only on request (--network-field)"}}
+    write_text(files["metrics"], json.dumps(summary, indent=2))
     return {k: str(v) for k, v in files.items() if v.exists()}

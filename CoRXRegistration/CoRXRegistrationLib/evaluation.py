@@ -25,6 +25,7 @@ from .network.metrics import jacobian_determinant, registration_metrics
 from .network.spect_offset import SpectOffsetConfig
 from .network.transform import warp
 from .benchmark import PeakMemory
+from .outputs import write_csv, write_text
 from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, normalise_ct, onto_grid
 from .resample import resample, resample_field
 
@@ -441,7 +442,6 @@ def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, pr
     """The whole comparison; writes report.md, pairs.csv, tia.csv and report.json into ``out_dir``.
     ``resume``: slow fields (Elastix) are kept in ``out_dir/resume/`` and reused by a run with the same
     settings, so the full run can be continued after an interruption."""
-    import csv
     import json
 
     from .simulation import SimulationConfig, simulate_series
@@ -487,13 +487,9 @@ def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, pr
                    f"by an earlier, interrupted run with the same settings and read from `{out / 'resume'}`; "
                    f"the wall time above does not include them.", ""]
     report += ["## Figures", "", *figures]
-    (out / "report.md").write_text("\n".join(report) + "\n")
+    write_text(out / "report.md", "\n".join(report) + "\n")
     for name, rows in (("pairs.csv", pair_rows), ("tia.csv", tia_rows)):
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(out / name, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-    (out / "report.json").write_text(json.dumps({"pairs": pair_rows, "tia": tia_rows, "methods": methods},
-                                                indent=1, default=float))
+        write_csv(out / name, list(dict.fromkeys(k for r in rows for k in r)), rows)
+    write_text(out / "report.json", json.dumps({"pairs": pair_rows, "tia": tia_rows, "methods": methods},
+                                               indent=1, default=float))
     return {"pairs": pair_rows, "tia": tia_rows, "markdown": "\n".join(report)}

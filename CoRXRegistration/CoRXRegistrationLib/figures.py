@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from TIAMappingLib.voi import time_labels
 
+from .outputs import atomic_path
 from .simulation.preview import coronal
 
 
@@ -52,9 +54,11 @@ def jacobian_panel(fig, ax, jacobian, y_index: int, aspect: float, title: str):
 
 def _save(fig, path, dpi: int) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -117,7 +121,7 @@ def _time_activity_panel(ax, times_h, voi_rows: list):
     measured = []
     for k, row in enumerate(r for r in voi_rows if r.get("status") == "ok"):
         c = colours(k % 10)
-        values = [row[f"total_mbq_{t:g}h"] for t in times_h]
+        values = [row[f"total_mbq_{tag}"] for tag in time_labels(times_h)]
         measured += [v for v in values if v > 0]
         ax.plot(times_h, values, "o", color=c, ms=4, label=row["segment"])
         a0, t_eff = row.get("mono_a0_mbq"), row.get("mono_t_eff_h")

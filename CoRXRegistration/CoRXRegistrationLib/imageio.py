@@ -10,13 +10,16 @@ loads as a grid transform (checked with slicer-core in the tests).
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .geometry import Geometry
+from .outputs import atomic_path
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -50,13 +53,192 @@ def to_sitk(array: np.ndarray, geometry: Geometry, is_vector: bool = False) -> s
     return image
 
 
+# NIfTI datatype code -> (numpy dtype, is floating point)
+_NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+                1280: "u8", 128: "u1", 2304: "u1", 32: "f4", 1792: "f8"}
+_NIFTI_COMPONENTS = {128: 3, 2304: 4, 32: 2, 1792: 2}
+
+
+def _nifti_layout(head: bytes, path: Path) -> tuple:
+    """(data offset, number of values, numpy dtype) from a NIfTI-1 or NIfTI-2 header."""
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:
+            dim = struct.unpack(endian + "8h", head[40:56])
+            code = struct.unpack(endian + "h", head[70:72])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if size == 540:
+            code = struct.unpack(endian + "h", head[12:14])[0]
+            dim = struct.unpack(endian + "8q", head[16:80])
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+            break
+    else:
+        raise ImageFileError(f"{path}: not a NIfTI file (header size is neither 348 nor 540)")
+    if code not in _NIFTI_TYPES or not 1 <= dim[0] <= 7:
+        raise ImageFileError(f"{path}: unsupported NIfTI data type {code} or dimension count {dim[0]}")
+    count = int(np.prod([max(int(d), 1) for d in dim[1:dim[0] + 1]], dtype=np.int64)) * _NIFTI_COMPONENTS.get(code, 1)
+    offset = max(offset, 352 if size == 348 else 544)
+    return offset, count, np.dtype(endian + _NIFTI_TYPES[code])
+
+
+_NRRD_SIZES = {"uchar": 1, "unsigned char": 1, "uint8": 1, "uint8_t": 1, "signed char": 1, "int8": 1, "int8_t": 1,
+               "char": 1, "short": 2, "int16": 2, "int16_t": 2, "ushort": 2, "unsigned short": 2, "uint16": 2,
+               "uint16_t": 2, "int": 4, "int32": 4, "int32_t": 4, "uint": 4, "unsigned int": 4, "uint32": 4,
+               "uint32_t": 4, "float": 4, "double": 8, "longlong": 8, "int64": 8, "int64_t": 8, "ulonglong": 8,
+               "uint64": 8, "uint64_t": 8}
+
+
+def _check_nrrd_complete(path: Path) -> None:
+    """An attached raw or gzip NRRD holds as many bytes as its header promises (O(1): file size or
+    the gzip trailer's stored length)."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+        end = head.find(b"\n\n")
+        if not head.startswith(b"NRRD") or end < 0:
+            return
+        fields = {}
+        for line in head[:end].decode("latin-1").splitlines()[1:]:
+            if ":" in line and not line.startswith("#") and ":=" not in line:
+                key, value = line.split(":", 1)
+                fields[key.strip().lower()] = value.strip()
+        if "data file" in fields or "datafile" in fields or fields.get("type", "").lower() not in _NRRD_SIZES:
+            return
+        nbytes = int(np.prod([int(v) for v in fields.get("sizes", "0").split()], dtype=np.int64)) \
+            * _NRRD_SIZES[fields["type"].lower()]
+        size = path.stat().st_size
+        encoding = fields.get("encoding", "raw").lower()
+        if encoding == "raw" and size - (end + 2) < nbytes:
+            raise ImageFileError(f"{path}: the file is cut short: {size - end - 2} of {nbytes} bytes of voxel data")
+        if encoding in ("gzip", "gz"):
+            fh.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", fh.read(4))[0] != nbytes % 2 ** 32:
+                raise ImageFileError(f"{path}: the compressed voxel data are cut short or corrupt")
+
+
+_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage_complete(path: Path) -> None:
+    """A MetaImage (.mha with LOCAL data, or .mhd with its raw file) holds all the bytes its header
+    promises; compressed data are inflated once to count them (some SimpleITK releases read a short
+    file with only a printed warning)."""
+    import zlib
+
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    fields, offset = {}, 0
+    for line in head.split(b"\n"):
+        offset += len(line) + 1
+        key, _, value = line.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    else:
+        return
+    if fields.get("ElementType") not in _MET_SIZES:
+        return
+    nbytes = int(np.prod([int(v) for v in fields.get("DimSize", "0").split()], dtype=np.int64)) \
+        * _MET_SIZES[fields["ElementType"]] * int(fields.get("ElementNumberOfChannels", "1") or 1)
+    source = fields["ElementDataFile"]
+    if source == "LOCAL":
+        data_path, start = path, offset
+    elif " " in source or source.upper() == "LIST" or "%" in source:
+        return                                      # slice lists: left to the reader
+    else:
+        data_path, start = path.parent / source, 0
+        if not data_path.is_file():
+            raise ImageFileError(f"{path}: its data file {data_path} does not exist")
+    if fields.get("CompressedData", "False").lower() == "true":
+        with open(data_path, "rb") as fh:
+            fh.seek(start)
+            inflater = zlib.decompressobj()
+            got = len(inflater.decompress(fh.read())) + len(inflater.flush())
+        if not inflater.eof or got < nbytes:
+            raise ImageFileError(f"{path}: the compressed voxel data are cut short or corrupt")
+    elif data_path.stat().st_size - start < nbytes:
+        raise ImageFileError(f"{path}: the file is cut short: {data_path.stat().st_size - start} of {nbytes} "
+                             "bytes of voxel data")
+
+
+def check_file_complete(path) -> None:
+    """Refuse a NIfTI, NRRD or MetaImage file whose voxel data are cut short, and a NIfTI holding
+    NaN/infinite values.
+
+    SimpleITK's NIfTI reader fills a missing tail with zeros and reads NaN as 0, so neither would be
+    seen in the array; its MetaImage reader (2.3) reads a short file with only a printed warning
+    (this check also serves to verify files just written). Compressed NIfTI float data are decompressed once here; integer data
+    are checked by their stored length only."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".nrrd"):
+        return _check_nrrd_complete(path)
+    if name.endswith((".mha", ".mhd")):
+        return _check_metaimage_complete(path)
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        if name.endswith(".gz"):
+            with open(path, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                stored = struct.unpack("<I", fh.read(4))[0]
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(544)
+                offset, count, dtype = _nifti_layout(head, path)
+                expected = offset + count * dtype.itemsize
+                if dtype.kind != "f" and stored == expected % 2 ** 32:
+                    return
+                fh.seek(0)
+                raw = fh.read()
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(544)
+                offset, count, dtype = _nifti_layout(head, path)
+                expected = offset + count * dtype.itemsize
+                if dtype.kind != "f" and path.stat().st_size >= expected:
+                    return
+                fh.seek(0)
+                raw = fh.read()
+    except (EOFError, gzip.BadGzipFile, OSError, struct.error) as exc:
+        raise ImageFileError(f"{path}: the file is cut short or corrupt ({exc}); it cannot be read whole") from None
+    if len(raw) < expected:
+        raise ImageFileError(f"{path}: the file is cut short: {len(raw) - offset} of {expected - offset} bytes of "
+                             "voxel data are present")
+    if dtype.kind == "f":
+        values = np.frombuffer(raw, dtype, count, offset)
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise ImageFileError(f"{path}: {bad} voxels are NaN or infinite")
+
+
 def _sitk_read(path: Path, what: str = "file") -> sitk.Image:
     if not path.is_file():
         raise ImageFileError(f"{path}: {what} not found")
+    check_file_complete(path)
     try:
         return sitk.ReadImage(str(path))
-    except RuntimeError as exc:  # SimpleITK reports corrupt files this way
+    except RuntimeError as exc:  # SimpleITK reports corrupt and truncated NRRD/MetaImage files this way
         raise ImageFileError(f"{path}: cannot be read ({str(exc).strip().splitlines()[-1]})") from exc
+
+
+def _write_sitk(image: sitk.Image, path: Path, compress: bool = True) -> Path:
+    """Write through a temporary file, read its header and data back, then rename into place."""
+    def verify(tmp):
+        try:
+            check_file_complete(tmp)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(tmp))
+            reader.ReadImageInformation()
+        except (ImageFileError, RuntimeError) as exc:
+            raise OSError(f"{path}: the written file is incomplete (disk full?): {exc}") from None
+        if reader.GetSize() != image.GetSize() or reader.GetNumberOfComponents() != \
+                image.GetNumberOfComponentsPerPixel():
+            raise OSError(f"{path}: the written file does not read back as written")
+
+    with atomic_path(path, verify) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress, compressionLevel=1)
+    return path
 
 
 def read_image(path, dtype=np.float32, require_finite: bool = True):
@@ -80,7 +262,7 @@ def read_image(path, dtype=np.float32, require_finite: bool = True):
 def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = True,
                 overwrite: bool = True, is_vector: bool = False) -> Path:
     """Write a volume with its geometry (``is_vector``: last axis holds components, e.g. RGB);
-    creates parent folders."""
+    creates parent folders; atomic (temporary name, checked, renamed)."""
     path = Path(path)
     _check_suffix(path)
     if path.exists() and not overwrite:
@@ -88,10 +270,7 @@ def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = Tr
     array = np.asarray(array)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageFileError(f"{path}: refusing to write {int((~np.isfinite(array)).sum())} NaN/infinite voxels")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(to_sitk(array, geometry, is_vector=is_vector), str(path), useCompression=compress,
-                    compressionLevel=1)
-    return path
+    return _write_sitk(to_sitk(array, geometry, is_vector=is_vector), path, compress)
 
 
 def write_displacement_field(path, field_lps_mm: np.ndarray, geometry: Geometry) -> Path:
@@ -104,9 +283,7 @@ def write_displacement_field(path, field_lps_mm: np.ndarray, geometry: Geometry)
         raise ImageFileError(f"{path}: displacement field has NaN or infinite vectors")
     image = to_sitk(field, geometry, is_vector=True)
     image.SetMetaData("displacement field type", "resampling")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True, compressionLevel=1)
-    return path
+    return _write_sitk(image, path)
 
 
 def read_displacement_field(path):
@@ -142,10 +319,10 @@ def read_segmentation(path, names=None):
     image = _sitk_read(path, "segmentation file")
     keys = set(image.GetMetaDataKeys())
     array = sitk.GetArrayFromImage(image)
-    if image.GetDimension() == 4 or (image.GetNumberOfComponentsPerPixel() > 1 and array.ndim == 4):
+    if image.GetDimension() == 4:
         raise ImageFileError(f"{path}: 4D segmentation files are not supported; save it as a 3D .seg.nrrd")
     geometry = geometry_of(image)
-    layers = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)
+    layers = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)   # one layer per component
     segments = {}
     if "Segment0_LabelValue" in keys:
         i = 0
@@ -153,6 +330,11 @@ def read_segmentation(path, names=None):
             name = image.GetMetaData(f"Segment{i}_Name") if f"Segment{i}_Name" in keys else f"segment_{i}"
             layer = int(image.GetMetaData(f"Segment{i}_Layer")) if f"Segment{i}_Layer" in keys else 0
             value = int(image.GetMetaData(f"Segment{i}_LabelValue"))
+            if not 0 <= layer < layers.shape[0]:
+                raise ImageFileError(f"{path}: segment '{name}' is on layer {layer}, but the file has "
+                                     f"{layers.shape[0]} layer(s)")
+            if name in segments:
+                raise ImageFileError(f"{path}: two segments are named '{name}'; rename one")
             segments[name] = layers[layer] == value
             i += 1
         return segments, geometry
@@ -196,6 +378,4 @@ def write_seg_nrrd(path, labelmap: np.ndarray, names: dict, geometry: Geometry, 
         image.SetMetaData(f"Segment{i}_Layer", "0")
         image.SetMetaData(f"Segment{i}_Extent", f"0 {nx - 1} 0 {ny - 1} 0 {nz - 1}")
         image.SetMetaData(f"Segment{i}_Tags", "|")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
-    return path
+    return _write_sitk(image, path)

@@ -82,6 +82,11 @@ class SpectCt:
         if float(np.max(self.spect)) <= 0:
             raise ValueError(f"{self.label} SPECT has no positive counts (empty image)")
 
+    def same_scans(self, other: "SpectCt") -> bool:
+        """Whether both sessions hold the very same CT and SPECT (values and grids)."""
+        return (self.ct_geometry.same_grid(other.ct_geometry) and self.spect_geometry.same_grid(other.spect_geometry)
+                and np.array_equal(self.ct, other.ct) and np.array_equal(self.spect, other.spect))
+
 
 def network_grid(fixed: SpectCt, cfg: PreprocessConfig) -> Geometry:
     """The network grid for a fixed session: fixed-SPECT directions, centred on the body."""

@@ -67,25 +67,50 @@ def find_manifest(path) -> Path:
     return p
 
 
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_id(raw: str) -> str:
+    """A patient id usable as a file or folder name: characters other than letters, digits, '.', '_'
+    and '-' become '_', and it never starts with '.' (no hidden names, no '..'). '' if nothing is left."""
+    return _SAFE_ID.sub("_", str(raw)).lstrip("._")[:100]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_series(path) -> SeriesManifest:
-    """Parse and check a manifest (times strictly increasing, files present)."""
+    """Parse and check a manifest against the ``corx-series/1`` schema: every message names the file
+    and the key. Times strictly increasing; files present; ``patient_id`` made safe as a folder name."""
     p = find_manifest(path)
     try:
         raw = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SeriesError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SeriesError(f"{p}: the manifest must be a JSON object with \"format\", \"time_points\", ..., "
+                          f"found a {type(raw).__name__}")
     if raw.get("format") != MANIFEST_FORMAT:
         raise SeriesError(f"{p}: expected \"format\": \"{MANIFEST_FORMAT}\"")
-    points = raw.get("time_points") or []
+    points = raw.get("time_points")
+    if not isinstance(points, list):
+        raise SeriesError(f"{p}: \"time_points\" must be a list of {{\"hours\", \"ct\", \"spect\"}} objects")
     if len(points) < 2:
         raise SeriesError(f"{p}: a series needs at least 2 time points, found {len(points)}")
     hours, cts, spects = [], [], []
     for n, tp in enumerate(points):
+        if not isinstance(tp, dict):
+            raise SeriesError(f"{p}: time_points[{n}] must be an object, found {tp!r}")
         missing = [k for k in ("hours", "ct", "spect") if k not in tp]
         if missing:
             raise SeriesError(f"{p}: time point {n} lacks {', '.join(missing)}")
+        if not _number(tp["hours"]):
+            raise SeriesError(f"{p}: time_points[{n}].hours must be a number of hours, found {tp['hours']!r}")
         hours.append(float(tp["hours"]))
         for key, bucket in (("ct", cts), ("spect", spects)):
+            if not isinstance(tp[key], str) or not tp[key].strip():
+                raise SeriesError(f"{p}: time_points[{n}].{key} must be a file name, found {tp[key]!r}")
             f = p.parent / tp[key]
             if not f.is_file():
                 raise SeriesError(f"{p}: time point {n} {key} file {f} does not exist")
@@ -93,25 +118,56 @@ def read_series(path) -> SeriesManifest:
     h = np.asarray(hours)
     if not np.all(np.isfinite(h)) or np.any(h < 0) or np.any(np.diff(h) <= 0):
         raise SeriesError(f"{p}: hours after injection must be >= 0 and strictly increasing, got {hours}")
-    ref = int(raw.get("reference_index", 0))
-    if not 0 <= ref < len(points):
-        raise SeriesError(f"{p}: reference_index {ref} is not one of the {len(points)} time points")
-    return SeriesManifest(p, str(raw.get("patient_id", p.parent.name)), hours, cts, spects, ref, raw)
+    ref = raw.get("reference_index", 0)
+    if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(points):
+        raise SeriesError(f"{p}: reference_index must be a whole number 0..{len(points) - 1} (a time point), "
+                          f"found {ref!r}")
+    given = raw.get("patient_id", p.parent.name)
+    if not isinstance(given, (str, int)) or isinstance(given, bool):
+        raise SeriesError(f"{p}: patient_id must be a text, found {given!r}")
+    patient = safe_id(given)
+    if not patient:
+        raise SeriesError(f"{p}: patient_id {given!r} has no letter or digit to name the patient's outputs by")
+    seg = raw.get("segmentation")
+    if seg is not None and (not isinstance(seg, str) or not (p.parent / seg).is_file()):
+        raise SeriesError(f"{p}: segmentation {seg!r} is not a file beside the manifest")
+    return SeriesManifest(p, patient, hours, cts, spects, ref, raw)
 
 
-def find_series(root) -> list:
-    """Every manifest under ``root`` (a manifest, a series folder, or a folder of series folders)."""
+def find_series(root, errors: list | None = None) -> list:
+    """Every manifest under ``root`` (a manifest, a series folder, or a folder of series folders).
+
+    Patient ids must be unique. With ``errors`` (a list), a bad manifest or a repeated id is appended
+    there as (manifest path, message) and the others are returned; without it, the first problem raises."""
     r = Path(root)
     if (r / MANIFEST_NAME).is_file() or r.is_file():
-        return [read_series(r)]
-    found = sorted(r.glob(f"*/{MANIFEST_NAME}")) if r.is_dir() else []
-    if not found:
+        paths = [find_manifest(r)]
+    else:
+        paths = sorted(r.glob(f"*/{MANIFEST_NAME}")) if r.is_dir() else []
+    if not paths:
         raise SeriesError(f"no {MANIFEST_NAME} found in {r} or its sub-folders")
-    return [read_series(f) for f in found]
+    found, by_id = [], {}
+    for f in paths:
+        try:
+            found.append(read_series(f))
+        except SeriesError as exc:
+            if errors is None:
+                raise
+            errors.append((f, str(exc)))
+    for m in found:
+        by_id.setdefault(m.patient_id.lower(), []).append(m)
+    repeated = {k: v for k, v in by_id.items() if len(v) > 1}
+    for ms in repeated.values():
+        message = (f"patient_id '{ms[0].patient_id}' is given by {len(ms)} manifests ("
+                   + ", ".join(str(m.path) for m in ms) + "); give every patient its own id")
+        if errors is None:
+            raise SeriesError(message)
+        errors.extend((m.path, message) for m in ms)
+    return [m for m in found if m.patient_id.lower() not in repeated]
 
 
 __all__ = ["SeriesManifest", "SeriesError", "read_series", "find_series", "ImageFileError", "hours_from_name",
-           "series_from_names"]
+           "series_from_names", "safe_id"]
 
 
 _HOURS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(?:h|hr|hrs|hours?)(?![a-z])", re.IGNORECASE)

@@ -51,6 +51,15 @@ def voi_curve_fits(times_h, totals_mbq: np.ndarray, nuclide: Nuclide = LU177) ->
     return out
 
 
+def time_labels(times_h) -> list:
+    """Column tags for times (``24h``, ``0.5h``), with as many digits as it takes to tell them apart."""
+    for digits in range(6, 17):
+        labels = [f"{float(t):.{digits}g}h" for t in times_h]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise ValueError(f"times {list(times_h)} cannot be told apart")
+
+
 def voi_table(segments: dict, activities, times_h, voxel_volume_ml: float, tia_map=None, dose_map=None,
               nuclide: Nuclide = LU177) -> list:
     """One row per segment: volume, activity per time point, organ-based and voxel TIA, dose.
@@ -58,21 +67,22 @@ def voi_table(segments: dict, activities, times_h, voxel_volume_ml: float, tia_m
     segments: name -> boolean mask on the SPECT grid. Empty segments get status 'empty'.
     """
     rows, totals, names = [], [], []
+    tags = time_labels(times_h)
     for name, mask in segments.items():
         n_vox = int(mask.sum())
         row = {"segment": name, "voxels": n_vox, "volume_ml": n_vox * voxel_volume_ml,
                "status": "ok" if n_vox else "empty (no voxel inside the SPECT field of view)"}
-        for t_h, a in zip(times_h, activities):
+        for tag, a in zip(tags, activities):
             vals = a[mask]
-            row[f"mean_bq_ml_{t_h:g}h"] = float(vals.mean()) if n_vox else float("nan")
-            row[f"total_mbq_{t_h:g}h"] = float(vals.sum(dtype=np.float64) * voxel_volume_ml / 1e6)
+            row[f"mean_bq_ml_{tag}"] = float(vals.mean()) if n_vox else float("nan")
+            row[f"total_mbq_{tag}"] = float(vals.sum(dtype=np.float64) * voxel_volume_ml / 1e6)
         if tia_map is not None:
             row["voxel_tia_sum_mbq_h"] = float(tia_map[mask].sum(dtype=np.float64) * voxel_volume_ml / 1e6)
         if dose_map is not None:
             row.update(dose_statistics(dose_map[mask]) if n_vox else dose_statistics(np.empty(0)))
         rows.append(row)
         if n_vox:
-            totals.append([row[f"total_mbq_{t_h:g}h"] for t_h in times_h])
+            totals.append([row[f"total_mbq_{tag}"] for tag in tags])
             names.append(len(rows) - 1)
     if totals:
         for idx, fit in zip(names, voi_curve_fits(times_h, np.array(totals), nuclide)):

@@ -87,6 +87,12 @@ class NetworkConfig:
         return NetworkConfig(**d)
 
     def with_changes(self, **changes) -> "NetworkConfig":
+        """A copy with fields changed; refuses names that are not fields of the configuration."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown network configuration field(s) {', '.join(unknown)}; the fields are "
+                             f"{', '.join(sorted(known))}")
         return replace(self, **changes)
 
 

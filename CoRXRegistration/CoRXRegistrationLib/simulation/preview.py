@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import atomic_path
 from ..resample import resample
 
 
@@ -55,7 +56,9 @@ def save_series_preview(series, path) -> Path:
                  fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
     return path

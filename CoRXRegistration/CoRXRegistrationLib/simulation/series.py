@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry import Geometry
-from ..imageio import write_displacement_field, write_image, write_seg_nrrd
+from ..imageio import IMAGE_SUFFIXES, write_displacement_field, write_image, write_seg_nrrd
+from ..outputs import OutputError, OutputSet, inside, write_text
 from ..resample import resample
 from ..series_io import MANIFEST_FORMAT, MANIFEST_NAME
 from . import anatomy as A
@@ -236,9 +237,7 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
 
     out = Path(out_dir)
     manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists() and not overwrite:
-        raise FileExistsError(f"{manifest_path} exists; choose another folder or pass overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
+    plan = series_outputs(series.config, out).prepare(overwrite)
     cfg = series.config
     ref_g = series.reference_spect_geometry
     points = []
@@ -294,8 +293,53 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
         "versions": _versions(__version__),
         "timing_s": {k: round(v, 3) for k, v in series.timing_s.items()},
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_text(plan.path(MANIFEST_NAME), json.dumps(manifest, indent=2))
     return manifest_path
+
+
+def _listed_files(manifest: dict) -> list:
+    """Relative file names a series manifest lists (volumes, truth)."""
+    names = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value.lower().endswith(IMAGE_SUFFIXES) and not Path(value).is_absolute():
+            names.append(value)
+    walk(manifest.get("time_points", []))
+    walk(manifest.get("truth", {}))
+    return names
+
+
+def series_outputs(cfg: SimulationConfig, out_dir) -> OutputSet:
+    """Every file :func:`write_series` writes for ``cfg`` (and a preview), plus those an earlier series in
+    the folder listed, so that ``overwrite`` replaces the whole earlier series. A folder holding files
+    but no series.json (or another kind of series.json) is refused at once, whatever ``overwrite`` says."""
+    out = Path(out_dir)
+    names = [MANIFEST_NAME, "preview.png", "truth/tia.nii.gz", "truth/tia_psf.nii.gz", "truth/labels_spect.nii.gz",
+             "truth/labels_ct.nii.gz", "truth/segmentation.seg.nrrd"]
+    for i, t_h in enumerate(cfg.times_h):
+        tag = time_tag(t_h)
+        names += [f"ct_{tag}.nii.gz", f"spect_{tag}.nii.gz", f"truth/activity_{tag}.nii.gz"]
+        if i != cfg.reference_index:
+            names += [f"truth/field_ct_{tag}.nrrd", f"truth/field_spect_{tag}.nrrd"]
+    old = out / MANIFEST_NAME
+    if old.is_file():
+        try:
+            earlier = json.loads(old.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict) or not earlier.get("simulated"):
+            raise OutputError(f"{old} is not a simulated CoRX series; simulate into an empty folder")
+        names += [n for n in _listed_files(earlier) if inside(out / n, out)]
+    elif out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"{out} holds files but no {MANIFEST_NAME}: it is not a simulated series; simulate into "
+                          "an empty or new folder")
+    return OutputSet(out, names)
 
 
 def voi_labelmap(labels: np.ndarray, vois: dict):

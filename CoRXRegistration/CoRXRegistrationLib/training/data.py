@@ -68,7 +68,11 @@ def save_patient(packed: dict, path) -> Path:
 
 
 def load_patient(path) -> dict:
-    d = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:                    # truncated, not a torch file, or pickled code
+        raise ValueError(f"{path}: cannot be read as a CoRX training patient file "
+                         f"({str(exc).strip().splitlines()[0][:200]}); run prepare-data again") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{path} is not a CoRX training patient file ({FORMAT})")
     return d

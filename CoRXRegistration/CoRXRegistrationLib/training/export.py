@@ -42,8 +42,19 @@ def portable_config(train_config: dict) -> dict:
     return {k: portable_path(v) for k, v in train_config.items()}
 
 
-def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
-    """Write the shippable model and its card (paths made portable); returns the card."""
+def export_model(checkpoint, out, run_dir=None, half: bool = True, overwrite: bool = False) -> dict:
+    """Write the shippable model ``out`` (.pt) and its card beside it (.json, .md; paths made portable);
+    returns the card. The three files are checked before any work: none may be the checkpoint or a
+    file of the run, and existing ones are replaced (as a set) only with ``overwrite``."""
+    from ..outputs import OutputSet, write_text
+
+    out = Path(out)
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out}: the model file must end in .pt (its card is written beside it as "
+                         f"{out.stem}.json and {out.stem}.md)")
+    run_files = sorted(Path(run_dir).glob("*")) if run_dir and Path(run_dir).is_dir() else []
+    plan = OutputSet(out.parent, [out.name, out.stem + ".json", out.stem + ".md"],
+                     inputs=[checkpoint, *run_files]).prepare(overwrite)
     network, payload = load_checkpoint(checkpoint)
     meta = dict(payload.get("meta", {}))
     init = meta.get("train_config", {}).get("init")
@@ -59,7 +70,6 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
         start = read_checkpoint(init).get("meta", {})
         initialised_from = {"checkpoint": Path(init).name, "steps": start.get("step"), "epoch": start.get("epoch"),
                             "train_config": portable_config(start.get("train_config", {}))}
-    out = Path(out)
     meta_out = {"name": out.stem, "trained_step": step, "validation": meta.get("validation", {}),
                 "train_config": meta.get("train_config", {})}
     save_checkpoint(out, network, payload["preprocess"], meta_out, half=half)
@@ -92,8 +102,8 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True) -> dict:
         "known_limits": _status_lines(meta.get("validation", {}), step)
         + ([CT_ONLY_LIMIT] if _ct_only(meta.get("train_config", {})) else []) + LIMITS,
     }
-    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    out.with_suffix(".md").write_text(model_card_markdown(card))
+    write_text(plan.path(out.stem + ".json"), json.dumps(card, indent=2))
+    write_text(plan.path(out.stem + ".md"), model_card_markdown(card))
     return card
 
 

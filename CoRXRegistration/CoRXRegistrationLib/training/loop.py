@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -66,6 +68,50 @@ class TrainConfig:
         known = {f.name for f in fields(TrainConfig)}
         d = {"loss_mask": "none", **d}                # stored before the option existed: trained unmasked
         return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+# What defines a run: resuming with any of these changed would mix two trainings under one label.
+RUN_DEFINING = ("data", "network", "network_overrides", "lr", "weight_decay", "lambda_spect", "lambda_reg",
+                "val_patients", "seed", "augment", "max_rotation_deg", "epoch_steps", "prealign", "init", "loss_mask")
+
+
+def resume_conflicts(stored: dict, cfg: TrainConfig) -> list:
+    """'key: stored -> now' for every run-defining setting that differs from the checkpoint's."""
+    now = cfg.to_dict()
+    out = []
+    for key in RUN_DEFINING:
+        if key not in stored:
+            continue
+        a, b = stored[key], now[key]
+        if key in ("data", "init") and a and b:
+            a, b = str(Path(a).resolve()), str(Path(b).resolve())
+        if a != b:
+            out.append(f"{key}: {stored[key]!r} -> {now[key]!r}")
+    return out
+
+
+class _InterruptFlag:
+    """Ctrl-C (SIGINT) during training sets this flag; the loop saves last.pt after the step under way
+    and stops. A second Ctrl-C interrupts at once. Only in the main thread (signals live there)."""
+
+    def __init__(self):
+        self.count = 0
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def __bool__(self):
+        return self.count > 0
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _patient_files(data_dir) -> list:
@@ -181,13 +227,13 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     out = Path(cfg.out)
     last_path = out / "last.pt"
+    net_cfg = named_config(cfg.network, **cfg.network_overrides)   # a bad configuration fails before any work
     files = _patient_files(cfg.data)
     train_files, val_files = split_patients(files, cfg.val_patients)
     cache = PatientCache()
     prep = replace(PreprocessConfig.from_dict(cache(train_files[0])["preprocess"]), prealign=cfg.prealign)
     weights = LossWeights(cfg.lambda_spect, cfg.lambda_reg)
 
-    net_cfg = named_config(cfg.network, **cfg.network_overrides)
     torch.manual_seed(cfg.seed)                       # initial weights are part of "deterministic for a seed"
     network = build_network(net_cfg)
     if cfg.init:                                      # same layers required; flags such as diffeomorphic may differ
@@ -204,10 +250,11 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         network, _ = load_checkpoint(last_path)
         if payload["config"] != net_cfg.to_dict():
             raise ValueError(f"{last_path} was trained with another network configuration; use a new --out")
-        stored = TrainConfig.from_dict(payload.get("meta", {}).get("train_config", {}))
-        if stored.loss_mask != cfg.loss_mask:
-            raise ValueError(f"{last_path} was trained with --loss-mask {stored.loss_mask}; resume with the same "
-                             f"or use a new --out")
+        stored = payload.get("meta", {}).get("train_config", {})
+        conflicts = resume_conflicts({"loss_mask": "none", **stored}, cfg)
+        if conflicts:
+            raise ValueError(f"{last_path} was trained with other settings ({'; '.join(conflicts)}); resume with "
+                             "the same settings, or start a new run with a new --out (or --restart)")
         tr = payload["training"]
         start = {k: tr[k] for k in start}
         opt_state = tr["optimizer"]
@@ -245,6 +292,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         save(start["epoch"], start["position"], "step budget")
         return {"checkpoint": str(last_path), "history": history, "stopped": "step budget", "step": step}
     stop_reason = "finished"
+    interrupted = _InterruptFlag()
     for epoch in range(start["epoch"], cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs))
         mine = order[rank::world][:per_rank]
@@ -272,12 +320,15 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
             over_time = cfg.max_minutes is not None and \
                 (time.perf_counter() - t_start) / 60.0 >= cfg.max_minutes
             over_steps = cfg.max_steps is not None and step >= cfg.max_steps
-            flag = torch.tensor([1.0 if (over_time or over_steps) else 0.0])
+            flag = torch.tensor([1.0 if (over_time or over_steps or interrupted) else 0.0])
             if world > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() > 0:
-                stop_reason = "time budget" if over_time else "step budget"
+                stop_reason = "interrupted" if interrupted else "time budget" if over_time else "step budget"
                 save(epoch, position, stop_reason)
+                interrupted.restore()
+                if stop_reason == "interrupted" and rank == 0:
+                    log(f"interrupted: saved {last_path} at step {step}; run the same command again to resume")
                 return {"checkpoint": str(last_path), "history": history, "stopped": stop_reason, "step": step}
             if step % cfg.checkpoint_every == 0:
                 save(epoch, position, "periodic")
@@ -296,4 +347,5 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         save(epoch + 1, 0, "epoch end")
         if world > 1:
             dist.barrier()
+    interrupted.restore()
     return {"checkpoint": str(last_path), "history": history, "stopped": stop_reason, "step": step}

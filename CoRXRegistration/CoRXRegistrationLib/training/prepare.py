@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..outputs import OutputSet
 from ..preprocess import PreprocessConfig
 from ..series_io import find_series
 from .data import pack_patient, pack_simulated, save_patient
@@ -27,12 +28,18 @@ def prepare_simulated(out_dir, seeds, preset: str = "clinical", cfg: PreprocessC
     return written
 
 
-def prepare_series(out_dir, root, cfg: PreprocessConfig = PreprocessConfig(), log=print) -> list:
-    """Pack every series manifest under ``root`` (the user's own unlabeled data; no truth)."""
+def prepare_series(out_dir, root, cfg: PreprocessConfig = PreprocessConfig(), log=print,
+                   overwrite: bool = False) -> list:
+    """Pack every series manifest under ``root`` (the user's own unlabeled data; no truth) as
+    ``<patient_id>.pt``; every file is checked before any work (an existing one is replaced only with
+    ``overwrite``)."""
+    manifests = find_series(root)
+    plan = OutputSet(out_dir, [f"{m.patient_id}.pt" for m in manifests],
+                     inputs=[f for m in manifests for f in (m.path, *m.ct_paths, *m.spect_paths)]).prepare(overwrite)
     written = []
-    for manifest in find_series(root):
+    for manifest in manifests:
         sessions = [manifest.session(i) for i in range(len(manifest.hours))]
-        path = Path(out_dir) / f"{manifest.patient_id}.pt"
+        path = plan.path(f"{manifest.patient_id}.pt")
         save_patient(pack_patient(manifest.patient_id, sessions, manifest.hours, manifest.reference_index, cfg), path)
         log(f"{path.name}: {len(sessions)} time points")
         written.append(path)

@@ -9,9 +9,11 @@ simulated series' truth segmentation is used otherwise) for the VOI table and do
 Per patient, DIR/<patient_id>/ receives: the grid transform of every moving time point (NRRD
 displacement field, from-parent/resampling, LPS), deformed SPECT and CT, Jacobian and RGB
 deformation volumes, the TIA, fit-RMSE, model and dose maps, the QA and VOI tables (CSV) and
-``batch.log``. The exit code is 0 only if every patient succeeded, 1 if some failed (the others still
-run), 2 if nothing could start (bad arguments, unreadable input, unwritable output); nothing under
-SERIES is written. Each patient is processed in an emptied scene, so memory does not grow per patient.
+``batch.log``. The exit code is 0 only if every patient succeeded, 1 if some failed (a bad manifest or
+a repeated patient id fails that patient; the others still run), 2 if nothing could start (bad
+arguments, no readable manifest, an output folder inside SERIES or unwritable); nothing under SERIES is
+written. A patient's earlier results are replaced (as a whole) only with ``--overwrite``. Inputs pass
+the checks of ``CoRXRegistrationLib.validate``; ``--allow CHECK`` turns one into a logged warning. Each patient is processed in an emptied scene, so memory does not grow per patient.
 Installed extension: the script is ``<extension>/lib/Slicer-X.Y/qt-scripted-modules/Resources/Scripts/CoRXBatch.py``.
 """
 from __future__ import annotations
@@ -66,9 +68,25 @@ def _labelmap_node(manifest, log):
     return addVolumeNode(labels, geometry, "VOIs", "vtkMRMLLabelMapVolumeNode"), names
 
 
-def process_patient(manifest, out: Path, model: str, device: str, log) -> dict:
+def patient_outputs(manifest, out: Path):
+    """Every file :func:`process_patient` writes for ``manifest`` into ``out``."""
+    from CoRXRegistrationLib.outputs import OutputSet
+    from TIAMappingLib.voi import time_labels
+
+    tags = time_labels(manifest.hours)
+    names = [name.format(tags[i]) for i in range(len(manifest.hours)) if i != manifest.reference_index
+             for name in ("transform_{}.nrrd", "spect_{}_deformed.nrrd", "ct_{}_deformed.nrrd", "jacobian_{}.nrrd",
+                          "deformation_rgb_{}.nrrd")]
+    names += ["registration_qa.csv", "tia.nrrd", "fit_rmse.nrrd", "fit_model.nrrd", "dose.nrrd", "voi.csv"]
+    return OutputSet(out, names, inputs=[manifest.path, *manifest.ct_paths, *manifest.spect_paths])
+
+
+def process_patient(manifest, out, model: str, device: str, log, allow=()) -> dict:
+    """Register, map and write one patient into ``out`` (an output set from :func:`patient_outputs`,
+    already prepared)."""
     import CoRXRegistration as reg
     import TIAMapping as tia
+    from TIAMappingLib.voi import time_labels
 
     t0 = time.perf_counter()
     logic = reg.CoRXRegistrationLogic()
@@ -80,28 +98,32 @@ def process_patient(manifest, out: Path, model: str, device: str, log) -> dict:
     def progress(fraction, text=""):
         log.info("  registration %3.0f %% %s", 100.0 * fraction, text)
     registered = logic.registerSeries(loaded["ct"], loaded["spect"], manifest.hours, referenceIndex=ref, model=model,
-                                      device=device, progress=progress)
+                                      device=device, progress=progress, allow=allow)
     written = []
+    tag_of = dict(zip(manifest.hours, time_labels(manifest.hours)))
     for hours, nodes in registered["pairs"].items():
-        tag = f"{hours:g}h"
-        written += [reg.saveNode(nodes["transform"], out / f"transform_{tag}.nrrd"),
-                    reg.saveNode(nodes["deformedSPECT"], out / f"spect_{tag}_deformed.nrrd"),
-                    reg.saveNode(nodes["deformedCT"], out / f"ct_{tag}_deformed.nrrd"),
-                    reg.saveNode(nodes["jacobian"], out / f"jacobian_{tag}.nrrd"),
-                    reg.saveNode(nodes["deformationRGB"], out / f"deformation_rgb_{tag}.nrrd")]
+        tag = tag_of[hours]
+        written += [reg.saveNode(nodes["transform"], out.path(f"transform_{tag}.nrrd")),
+                    reg.saveNode(nodes["deformedSPECT"], out.path(f"spect_{tag}_deformed.nrrd")),
+                    reg.saveNode(nodes["deformedCT"], out.path(f"ct_{tag}_deformed.nrrd")),
+                    reg.saveNode(nodes["jacobian"], out.path(f"jacobian_{tag}.nrrd")),
+                    reg.saveNode(nodes["deformationRGB"], out.path(f"deformation_rgb_{tag}.nrrd"))]
         r = nodes["result"]
+        for note in r.notes:
+            if "allowed by --allow" in note or note.startswith("warning"):
+                log.warning("  %s: %s", tag, note)
         log.info("  %s -> %g h: %.1f s, SPECT LNCC %.3f -> %.3f, Jacobian <= 0 %.3f %%", tag, manifest.hours[ref],
                  r.timings_s["total"], r.metrics["identity"]["spect_lncc"], r.metrics["registered"]["spect_lncc"],
                  r.metrics["registered"]["jacobian_nonpositive_percent"])
-    written.append(reg.saveNode(registered["qaTable"], out / "registration_qa.csv"))
+    written.append(reg.saveNode(registered["qaTable"], out.path("registration_qa.csv")))
     labelmap, names = _labelmap_node(manifest, log)
     maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, voiNode=labelmap,
-                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref])
+                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref], allow=allow)
     for key in ("tia", "fit_rmse", "fit_model", "dose"):
         if key in maps:
-            written.append(reg.saveNode(maps[key], out / f"{key}.nrrd"))
+            written.append(reg.saveNode(maps[key], out.path(f"{key}.nrrd")))
     if maps["voi_rows"]:
-        written.append(reg.saveNode(reg.addTableNode(maps["voi_rows"], "VOI results"), out / "voi.csv"))
+        written.append(reg.saveNode(reg.addTableNode(maps["voi_rows"], "VOI results"), out.path("voi.csv")))
     for message in maps["messages"]:
         log.warning("  %s", message)
     log.info("  %s done in %.1f s: %d files", manifest.patient_id, time.perf_counter() - t0, len(written))
@@ -121,37 +143,52 @@ def _log(output: Path):
 
 
 def run(args) -> int:
-    output = Path(args.output)
+    from CoRXRegistrationLib.outputs import inside
+    from CoRXRegistrationLib.validate import allowed_checks
+
+    output, source = Path(args.output), Path(args.input)
+    try:
+        allow = allowed_checks(args.allow)
+    except ValueError as exc:
+        print(f"CoRX batch: --allow: {exc}", file=sys.stderr)
+        return 2
+    root = source.parent if source.is_file() else source
+    if inside(output, root):
+        print(f"CoRX batch: the output folder {output} lies inside the input {root}; choose one outside it",
+              file=sys.stderr)
+        return 2
     try:
         output.mkdir(parents=True, exist_ok=True)
         log = _log(output)
     except OSError as exc:
         print(f"CoRX batch: cannot write to the output folder {output}: {exc}", file=sys.stderr)
         return 2
+    errors = []
     try:
         from CoRXRegistrationLib.series_io import find_series
-        series = find_series(args.input)
+        series = find_series(args.input, errors)
     except Exception as exc:                       # a clear one-line reason, non-zero exit
         log.error("cannot read the input %s: %s", args.input, exc)
         return 2
+    for path, message in errors:                   # bad manifests fail their patient; the others run
+        log.error("%s: %s", path, message)
+    if not series:
+        log.error("no patient can be processed: every manifest under %s was refused", args.input)
+        return 2
     scene = _scene()
-    failed = []
+    failed = [str(path) for path, _ in dict(errors).items()]
     for manifest in series:
-        out = output / manifest.patient_id
-        if out.resolve() == manifest.folder.resolve() or out.resolve() in manifest.folder.resolve().parents:
-            log.error("%s: the output folder %s would overwrite the input series", manifest.patient_id, out)
-            failed.append(manifest.patient_id)
-            continue
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            process_patient(manifest, out, args.model, args.device, log)
+            out = patient_outputs(manifest, output / manifest.patient_id).prepare(args.overwrite)
+            process_patient(manifest, out, args.model, args.device, log, allow)
         except Exception as exc:
             log.error("%s failed: %s", manifest.patient_id, exc)
             log.debug(traceback.format_exc())
             failed.append(manifest.patient_id)
         finally:
             scene.Clear(0)                        # the next patient starts in an empty scene
-    log.info("%d of %d patients processed%s", len(series) - len(failed), len(series),
+    total = len(series) + len(dict(errors))
+    log.info("%d of %d patients processed%s", total - len(failed), total,
              f"; failed: {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
 
@@ -163,6 +200,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="output folder (one sub-folder per patient)")
     parser.add_argument("--model", default="bundled", help="'bundled' or a CoRX checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--overwrite", action="store_true", help="replace a patient's earlier results as a whole")
+    parser.add_argument("--allow", nargs="+", default=[], metavar="CHECK",
+                        help="turn these input checks into logged warnings (see CoRXRegistrationLib.validate)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:                     # argparse has printed the reason
