@@ -455,6 +455,15 @@ def test_overwrite_replaces_the_whole_result_set(ws, capsys):
     assert (out / "notes.txt").read_text() == "the user's own file"                         # not ours: kept
 
 
+def test_a_refused_run_with_overwrite_keeps_the_earlier_results(ws, capsys):
+    out = ws.out()
+    assert main(ws.tia(out, None, None, "--ct", str(ws.path("ct.nii.gz")))) == 0
+    before = checksums(out)
+    spects = _with(ws, 1, ws.cut("spect_24.nii.gz", "cut_again.nii.gz"))
+    assert main(ws.tia(out, spects, None, "--ct", str(ws.path("ct.nii.gz")), "--overwrite")) == 2
+    assert checksums(out) == before                     # removed only when new results are written
+
+
 def test_segment_outside_allowed_is_reported_per_segment(ws, capsys):
     out = ws.out()
     assert main(ws.tia(out, None, None, "--segmentation", _partly_outside(ws), "--allow", "segment-outside")) == 0

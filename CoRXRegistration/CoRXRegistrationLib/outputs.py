@@ -4,9 +4,10 @@ Rules (the same for every command, the Slicer Logic and the batch):
 
 * an output is never one of the inputs (compared after resolving links);
 * without ``overwrite`` an existing output is refused before any work is done;
-* with ``overwrite`` the whole earlier result set of that command is removed first, so new and
-  stale outputs (an old dose map beside a new TIA) are never mixed; files the command does not
-  write are left alone;
+* with ``overwrite`` the whole earlier result set of that command is removed when the first new
+  file is written (not before: a run that fails on its input leaves the earlier results as they
+  were), so new and stale outputs (an old dose map beside a new TIA) are never mixed; files the
+  command does not write are left alone;
 * every file is written under a temporary name in its folder, checked, and renamed; a failed
   write leaves no file.
 """
@@ -41,21 +42,28 @@ class OutputSet:
 
     ``names``: every file (relative path) the command can write, optional ones included — they
     make up its result set. ``inputs``: the user's files, never written. Call :meth:`prepare`
-    before any work."""
+    before any work; ask :meth:`path` for each file when writing it."""
 
     def __init__(self, folder, names, inputs=(), option: str = "--overwrite"):
         self.folder = Path(folder)
         self.names = list(dict.fromkeys(str(n) for n in names))
         self.inputs = [Path(p) for p in inputs if p is not None]
         self.option = option
+        self._earlier = []
 
     def path(self, name: str) -> Path:
+        """Where ``name`` is written; the first call removes the earlier result set (``overwrite``)."""
         if str(name) not in self.names:
             raise KeyError(f"{name} is not an output of this command")
+        for p, stamp in self._earlier:
+            if p.is_file() and p.stat().st_mtime_ns == stamp:     # as found by prepare(), not rewritten since
+                p.unlink()
+        self._earlier = []
         return self.folder / name
 
     def prepare(self, overwrite: bool = False) -> "OutputSet":
-        """Refuse before any work; with ``overwrite`` remove the earlier result set."""
+        """Refuse before any work; with ``overwrite`` the earlier result set is kept until the first
+        new file is written (:meth:`path`)."""
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"output folder {self.folder} is a file; choose a folder")
         for p in self.inputs:
@@ -76,7 +84,7 @@ class OutputSet:
         for p in existing:
             if p.is_dir():
                 raise OutputError(f"{p} is a folder where a result file goes; remove it yourself")
-            p.unlink()
+        self._earlier = [(p, p.stat().st_mtime_ns) for p in existing]
         return self
 
 

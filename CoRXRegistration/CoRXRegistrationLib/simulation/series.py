@@ -246,21 +246,21 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
         entry = {"hours": float(t_h), "ct": f"ct_{tag}.nii.gz", "spect": f"spect_{tag}.nii.gz",
                  "motion": series.motions[i].to_dict(),
                  "truth": {"activity": f"truth/activity_{tag}.nii.gz"}}
-        write_image(out / entry["ct"], series.ct[i], series.ct_geometry[i])
-        write_image(out / entry["spect"], series.spect[i], series.spect_geometry[i])
-        write_image(out / entry["truth"]["activity"], series.truth_activity[i], ref_g)
+        write_image(plan.path(entry["ct"]), series.ct[i], series.ct_geometry[i])
+        write_image(plan.path(entry["spect"]), series.spect[i], series.spect_geometry[i])
+        write_image(plan.path(entry["truth"]["activity"]), series.truth_activity[i], ref_g)
         if i in series.truth_field_ct:
             entry["truth"]["field_ct"] = f"truth/field_ct_{tag}.nrrd"
             entry["truth"]["field_spect"] = f"truth/field_spect_{tag}.nrrd"
-            write_displacement_field(out / entry["truth"]["field_ct"], series.truth_field_ct[i], ref_g)
-            write_displacement_field(out / entry["truth"]["field_spect"], series.truth_field_spect[i], ref_g)
+            write_displacement_field(plan.path(entry["truth"]["field_ct"]), series.truth_field_ct[i], ref_g)
+            write_displacement_field(plan.path(entry["truth"]["field_spect"]), series.truth_field_spect[i], ref_g)
         points.append(entry)
-    write_image(out / "truth/tia.nii.gz", series.truth_tia, ref_g)
-    write_image(out / "truth/tia_psf.nii.gz", series.truth_tia_psf, ref_g)
-    write_image(out / "truth/labels_spect.nii.gz", series.labels_spect, ref_g)
-    write_image(out / "truth/labels_ct.nii.gz", series.labels_ct, series.reference_ct_geometry)
+    write_image(plan.path("truth/tia.nii.gz"), series.truth_tia, ref_g)
+    write_image(plan.path("truth/tia_psf.nii.gz"), series.truth_tia_psf, ref_g)
+    write_image(plan.path("truth/labels_spect.nii.gz"), series.labels_spect, ref_g)
+    write_image(plan.path("truth/labels_ct.nii.gz"), series.labels_ct, series.reference_ct_geometry)
     voi_map, voi_names = voi_labelmap(series.labels_spect, series.phantom.voi_labels())
-    write_seg_nrrd(out / "truth/segmentation.seg.nrrd", voi_map, voi_names, ref_g)
+    write_seg_nrrd(plan.path("truth/segmentation.seg.nrrd"), voi_map, voi_names, ref_g)
     names = series.phantom.label_names()
     present = sorted(set(np.unique(series.labels_spect).tolist()) | set(np.unique(series.labels_ct).tolist()))
     manifest = {

@@ -72,7 +72,7 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True, overwrite: bo
                             "train_config": portable_config(start.get("train_config", {}))}
     meta_out = {"name": out.stem, "trained_step": step, "validation": meta.get("validation", {}),
                 "train_config": meta.get("train_config", {})}
-    save_checkpoint(out, network, payload["preprocess"], meta_out, half=half)
+    save_checkpoint(plan.path(out.name), network, payload["preprocess"], meta_out, half=half)
     card = {
         "name": out.stem,
         "weights_file": out.name,
