@@ -499,11 +499,13 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         if not 0 <= referenceIndex < len(timesH):
             raise ValueError(f"reference index {referenceIndex} is not one of the {len(timesH)} time points")
         with self.busy("a registration"):
-            from CoRXRegistrationLib.validate import allowed_checks, check_hours, check_session
+            from CoRXRegistrationLib.validate import allowed_checks, check_ct, check_hours, check_spect
             allow = allowed_checks(allow)
             check_hours(sorted(timesH), "times", allow=allow)
             for i, (ct, spect) in enumerate(zip(ctNodes, spectNodes)):   # every input, before any work
-                check_session(sessionFromNodes(ct, spect, f"{timesH[i]:g} h"), allow)
+                check_ct(slicer.util.arrayFromVolume(ct), volumeNodeGeometry(ct), f"{timesH[i]:g} h CT", allow)
+                check_spect(slicer.util.arrayFromVolume(spect), volumeNodeGeometry(spect), f"{timesH[i]:g} h SPECT",
+                            allow)
             loaded = (runner or callNow)(lambda: load_model(model))
             return self._registerEach(ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
                                       progress, cancel, spectOffset, spectOrganShift, runner, allow)

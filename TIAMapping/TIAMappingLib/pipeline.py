@@ -39,10 +39,10 @@ class TIAOutputs:
 
 def fraction_outside(mask: np.ndarray, mask_geometry: Geometry, target: Geometry) -> float:
     """Fraction of a mask's voxels whose centres lie outside ``target``'s field of view."""
+    if mask_geometry.same_grid(target):
+        return 0.0
     kji = np.argwhere(mask)
     if not len(kji):
-        return 0.0
-    if mask_geometry.same_grid(target):
         return 0.0
     ijk = target.lps_to_index(mask_geometry.index_to_lps(kji[:, ::-1].astype(float)))
     size = np.asarray(target.size_xyz, float)
