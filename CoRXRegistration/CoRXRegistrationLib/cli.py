@@ -32,14 +32,10 @@ def _cmd_simulate(args) -> int:
     from .simulation.preview import save_series_preview
     from .simulation.series import series_outputs
 
-    if len(args.times) < 2:
-        raise ValueError(f"--times: a series needs at least 2 time points, got {args.times}")
-    if not 0 <= args.reference_index < len(args.times):
-        raise ValueError(f"--reference-index {args.reference_index} is not one of the {len(args.times)} time points")
-
     cfg = SimulationConfig.preset(args.preset, seed=args.seed, anatomy=args.anatomy,
                                   times_h=tuple(args.times), reference_index=args.reference_index,
                                   injected_mbq=args.injected_mbq)
+    cfg.validate()                                # before any file is looked at
     plan = series_outputs(cfg, args.out)          # before simulating: refuses a folder of other files
     if not args.overwrite:
         plan.prepare(overwrite=False)             # and an existing series

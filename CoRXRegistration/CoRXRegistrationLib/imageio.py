@@ -53,7 +53,7 @@ def to_sitk(array: np.ndarray, geometry: Geometry, is_vector: bool = False) -> s
     return image
 
 
-# NIfTI datatype code -> (numpy dtype, is floating point)
+# NIfTI datatype code -> numpy dtype of one value (complex and RGB(A) types count their parts as values)
 _NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
                 1280: "u8", 128: "u1", 2304: "u1", 32: "f4", 1792: "f8"}
 _NIFTI_COMPONENTS = {128: 3, 2304: 4, 32: 2, 1792: 2}
@@ -167,9 +167,9 @@ def check_file_complete(path) -> None:
     NaN/infinite values.
 
     SimpleITK's NIfTI reader fills a missing tail with zeros and reads NaN as 0, so neither would be
-    seen in the array; its MetaImage reader (2.3) reads a short file with only a printed warning
-    (this check also serves to verify files just written). Compressed NIfTI float data are decompressed once here; integer data
-    are checked by their stored length only."""
+    seen in the array; its MetaImage reader (2.3) reads a short file with only a printed warning.
+    This check also verifies files just written. Compressed NIfTI float data are decompressed once
+    here; integer data are checked by their stored length only."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".nrrd"):
@@ -223,7 +223,8 @@ def _sitk_read(path: Path, what: str = "file") -> sitk.Image:
 
 
 def _write_sitk(image: sitk.Image, path: Path, compress: bool = True) -> Path:
-    """Write through a temporary file, read its header and data back, then rename into place."""
+    """Write through a temporary file, check it (complete voxel data, header readable, size and
+    components as written), then rename into place."""
     def verify(tmp):
         try:
             check_file_complete(tmp)

@@ -147,8 +147,12 @@ def check_session(session, allow=(), warnings=None) -> list:
 
 
 def check_segment_coverage(rows_outside: dict, source: str, allow=(), warnings=None) -> list:
-    """``rows_outside``: segment -> fraction of its volume outside the SPECT field of view."""
+    """``rows_outside``: drawn (non-empty) segment -> fraction of its volume outside the SPECT field of
+    view. Every segment wholly outside is refused whatever is allowed."""
     warnings = [] if warnings is None else warnings
+    if rows_outside and min(rows_outside.values()) >= 1.0:
+        raise ValueError(f"{source}: every segment lies outside the SPECT field of view (wrong segmentation, or "
+                         "one drawn on another patient's or time point's frame?)")
     for name, fraction in rows_outside.items():
         if fraction > SEGMENT_OUTSIDE_LIMIT:
             _fail(f"{source}: {100 * fraction:.1f} % of segment '{name}' lies outside the SPECT field of view; its "

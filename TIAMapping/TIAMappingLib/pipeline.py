@@ -65,11 +65,7 @@ def segments_on_grid(segments: dict, seg_geometry: Geometry, target: Geometry, m
             messages.append(f"segment '{name}' is empty")
         out[name] = m
         outside[name] = fraction_outside(mask, seg_geometry, target)
-    drawn = {k: f for k, f in outside.items() if segments[k].any()}
-    if drawn and min(drawn.values()) >= 1.0:
-        raise ValueError(f"{source}: every segment lies outside the SPECT field of view (wrong segmentation, or "
-                         "one drawn on another patient's or time point's frame?)")
-    check_segment_coverage(drawn, source, allow, messages)
+    check_segment_coverage({k: f for k, f in outside.items() if segments[k].any()}, source, allow, messages)
     if not seg_geometry.same_grid(target) and segments:
         messages.append("segmentation resampled onto the SPECT grid (nearest neighbour)")
     return out, outside

@@ -74,8 +74,10 @@ class SimulationConfig:
 
     def validate(self) -> None:
         t = np.asarray(self.times_h, float)
-        if t.ndim != 1 or len(t) < 1 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(np.diff(t) <= 0):
+        if t.ndim != 1 or not np.all(np.isfinite(t)) or np.any(t <= 0) or np.any(np.diff(t) <= 0):
             raise ValueError(f"times_h must be positive and strictly increasing, got {self.times_h}")
+        if len(t) < 2:                                # no reader accepts a one-time-point series
+            raise ValueError(f"times_h: a series needs at least 2 time points, got {list(self.times_h)}")
         if not 0 <= self.reference_index < len(t):
             raise ValueError(f"reference_index {self.reference_index} is not one of the {len(t)} time points")
         if self.injected_mbq <= 0:
