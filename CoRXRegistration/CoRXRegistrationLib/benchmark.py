@@ -149,6 +149,63 @@ def benchmark_registration(repeats: int = 3, model="bundled", device: str = "cpu
     return {k: statistics.median(t[k] for t in runs) for k in runs[0]}
 
 
+def benchmark_methods(methods, repeats: int = 3, device: str = "cpu", seed: int = 5000, model="bundled",
+                      log=print) -> list:
+    """Seconds and peak memory of each registration method on one clinical-size simulated pair (24 h
+    onto 4 h), side by side in this process, every method measured afresh ``repeats`` times after one
+    warm-up run of CoRX (model load, first forward). Each method yields its fields on the network grid,
+    as in ``corx evaluate``; the "corx register()" row adds what ``corx register`` computes besides
+    (QA metrics, native-resolution fields, warped volumes, Jacobian)."""
+    from .engine import register
+    from .evaluation import MethodRunner
+    from .preprocess import network_grid
+    from .simulation import SimulationConfig, simulate_series
+
+    sessions = simulate_series(SimulationConfig.preset("clinical", seed=seed)).sessions()
+    fixed, moving = sessions[0], sessions[1]
+    runner = MethodRunner({"corx": model}, device=device)
+    cfg = runner.models["corx"].preprocess
+    grid = network_grid(fixed, cfg)
+    unavailable = runner.skipped()
+    runner.wanted = set(methods)
+    register(fixed, moving, model=runner.models["corx"], device=device, native_outputs=False, qa_metrics=False)
+    rows = []
+    for method in list(methods) + ["corx register()"]:
+        if method in unavailable:
+            rows.append({"method": method, "error": unavailable[method]})
+            continue
+        seconds, peaks = [], []
+        for r in range(repeats):
+            runner.forget()
+            if method == "corx register()":
+                t0 = time.perf_counter()
+                with PeakMemory() as memory:
+                    register(fixed, moving, model=runner.models["corx"], device=device)
+                s = time.perf_counter() - t0
+            else:
+                with PeakMemory() as memory:
+                    _, _, s, _ = runner.run(method, fixed, moving, grid, cfg)
+            seconds.append(s)
+            peaks.append(memory.peak_mb)
+            log(f"{method} run {r + 1}/{repeats}: {s:.1f} s")
+        rows.append({"method": method, "median_s": statistics.median(seconds), "min_s": min(seconds),
+                     "peak_mb": max(peaks), "repeats": repeats})
+    return rows
+
+
+def format_method_table(rows: list, reference: str = "ants-syn") -> str:
+    """Markdown: median and minimum seconds, peak memory, and speed relative to ``reference`` per method."""
+    ref = next((r["median_s"] for r in rows if r["method"] == reference and "median_s" in r), None)
+    lines = [f"| method | median s / pair | min s | peak memory (MB) | speed vs {reference} |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | not run: {r['error']} ||||")
+            continue
+        speed = f"{ref / r['median_s']:.2g}x" if ref and r["method"] != reference else "-"
+        lines.append(f"| {r['method']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['peak_mb']:.0f} | {speed} |")
+    return "\n".join(lines)
+
+
 def format_network_table(rows: list, paper: dict) -> str:
     lines = ["| configuration | parameters | paper | grid | forward median (s) | peak RSS (MB) | GPU peak (MB) |",
              "|---|---:|---:|---|---:|---:|---:|"]

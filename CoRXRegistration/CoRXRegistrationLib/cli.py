@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .baselines import ROW_ORDER
 from .geometry import GeometryError
 from .imageio import ImageFileError
 from .progress import TerminalProgress
@@ -247,6 +248,14 @@ def _cmd_benchmark(args) -> int:
         t = benchmark_registration(repeats=args.repeats, device=args.device)
         print("\nregister() one clinical pair with the bundled model (median s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+    if args.methods:
+        from .baselines.elastix import elastix_available, set_threads
+        from .benchmark import benchmark_methods, format_method_table
+        itk = f", ITK {set_threads(None)} threads" if not elastix_available() else ""
+        rows = benchmark_methods(args.methods, repeats=args.repeats, device=args.device,
+                                 log=lambda line: print(line, file=sys.stderr))
+        print(f"\none clinical pair (24 h onto 4 h, seed 5000), side by side in one process (torch "
+              f"{torch.get_num_threads()} threads{itk}):\n" + format_method_table(rows))
     return 0
 
 
@@ -388,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export (weights and card together)")
     ex.set_defaults(func=_cmd_export_model)
 
-    ev = sub.add_parser("evaluate", help="identity vs Elastix vs TransMorph vs CoRX on series with ground truth")
+    ev = sub.add_parser("evaluate", help="CoRX vs ANTs SyN, Elastix (three set-ups), TransMorph and ablations on "
+                                         "series with ground truth")
     ev.add_argument("--out", default="output/evaluation", help="report, tables, figures and resume/ (default "
                                                                 "output/evaluation)")
     ev.add_argument("--seeds", type=int, nargs="+",
@@ -410,9 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true",
                     help="small patients (seed 5000 unless --seeds), 3 time points (4-48 h), 100 Elastix iterations, "
                          "5 refinement iterations")
-    ev.add_argument("--methods", nargs="+", choices=["identity", "rigid", "elastix", "elastix-masked", "transmorph",
-                                                     "corx-nocs", "corx-no-offset", "corx", "corx-refine"],
-                    help="a subset (default: every available)")
+    ev.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD",
+                    help="a subset (default: every available): " + ", ".join(ROW_ORDER))
     ev.add_argument("--fresh", action="store_true",
                     help="measure every field again (default: reuse the Elastix fields an interrupted run with the "
                          "same settings left in OUT/resume/)")
@@ -428,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip-networks", action="store_true", help="skip the forward-pass table")
     b.add_argument("--skip-tia", action="store_true", help="skip timing the voxel TIA fit")
     b.add_argument("--skip-register", action="store_true", help="skip timing register() on a clinical pair")
+    b.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD", default=[],
+                   help="also time these registration methods side by side on one clinical pair, with the whole "
+                        "corx register() (e.g. ants-syn elastix-dd elastix-ct-spect corx); one of: "
+                        + ", ".join(ROW_ORDER))
     b.set_defaults(func=_cmd_benchmark)
     return p
 

@@ -137,10 +137,44 @@ class RegistrationResult:
     def field_network_spect(self) -> np.ndarray:
         """What the SPECT follows on the network grid: the CT-driven field plus the SPECT/CT offset
         plus the organ shift."""
-        out = self.field_network + np.asarray(self.spect_offset_mm, np.float32)
-        if self.spect_organ_weight is not None and self.spect_organ_shift_mm != 0.0:
-            out[..., 2] += np.float32(self.spect_organ_shift_mm) * self.spect_organ_weight
-        return out
+        return spect_field(self.field_network, self.spect_offset_mm, self.spect_organ_shift_mm, self.spect_organ_weight)
+
+
+def spect_field(field_network: np.ndarray, offset_mm, organ_shift_mm: float = 0.0,
+                organ_weight: np.ndarray | None = None) -> np.ndarray:
+    """The field the SPECT follows (LPS mm): the CT-driven ``field_network`` plus the SPECT/CT offset
+    ``offset_mm`` (LPS x, y, z) plus ``organ_weight * organ_shift_mm`` along LPS +z; a new array."""
+    out = np.asarray(field_network, np.float32) + np.asarray(offset_mm, np.float32)
+    if organ_weight is not None and organ_shift_mm != 0.0:
+        out[..., 2] += np.float32(organ_shift_mm) * organ_weight
+    return out
+
+
+def _cranio_caudal_voxels(grid: Geometry) -> np.ndarray:
+    """+1 mm along LPS z as a displacement in voxels of ``grid``, channels (z, y, x)."""
+    return displacement_lps_to_voxels(np.array([[[[0.0, 0.0, 1.0]]]], np.float32), grid).reshape(3)
+
+
+def _fit_in_mm(fit, grid: Geometry) -> tuple:
+    """(offset LPS mm, organ shift mm, organ weight (Z, Y, X) or None) of a SpectOffsetFit on ``grid``."""
+    offset_mm = displacement_voxels_to_lps(np.asarray(fit.offset_voxels, np.float32).reshape(3, 1, 1, 1),
+                                           grid).reshape(3)
+    weight = None if fit.organ_weight is None else fit.organ_weight[0, 0].detach().float().cpu().numpy()
+    return offset_mm, float(fit.organ_shift_mm), weight
+
+
+def fit_spect_to_field(fixed: SpectCt, moving: SpectCt, field_network: np.ndarray, grid: Geometry,
+                       cfg: PreprocessConfig, config: SpectOffsetConfig | None = None) -> tuple:
+    """CoRX's SPECT/CT offset and organ-shift fit (:mod:`network.spect_offset`) after any CT-driven
+    field ``field_network`` (LPS mm on the network ``grid``, resampling convention), the SPECTs
+    normalised as ``cfg`` says; returns (the field the SPECT follows on ``grid``, the fit, its note).
+    This is the step :func:`register` runs after the network, applicable to a classical field too."""
+    fsp, msp = (_tensor(normalise_spect(onto_grid(s, grid, cfg)[1], cfg), "cpu") for s in (fixed, moving))
+    disp = torch.from_numpy(displacement_lps_to_voxels(np.asarray(field_network, np.float32), grid))[None]
+    fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), config or SpectOffsetConfig(),
+                           _cranio_caudal_voxels(grid))
+    offset_mm, organ_mm, weight = _fit_in_mm(fit, grid)
+    return spect_field(field_network, offset_mm, organ_mm, weight), fit, spect_offset_note(fit, offset_mm)
 
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
@@ -227,7 +261,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
                          f"is CT-only")
     report(0.02, "preprocessing")
     grid = network_grid(fixed, cfg)
-    cranio_caudal = displacement_lps_to_voxels(np.array([[[[0.0, 0.0, 1.0]]]], np.float32), grid).reshape(3)
+    cranio_caudal = _cranio_caudal_voxels(grid)
     raw = [onto_grid(s, grid, cfg) for s in (fixed, moving)]
     inputs = [(normalise_ct(ct, cfg), normalise_spect(sp, cfg)) for ct, sp in raw]
     timings["preprocess"] = time.perf_counter() - t0
@@ -276,14 +310,10 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
 
     t = time.perf_counter()
     disp_cpu = displacement.detach().float().cpu()
-    offset_voxels = torch.zeros(3) if offset_fit is None else torch.tensor(offset_fit.offset_voxels)
-    offset_mm = displacement_voxels_to_lps(offset_voxels.numpy().reshape(3, 1, 1, 1), grid).reshape(3)
-    organ_mm, organ_weight = 0.0, None
+    offset_mm, organ_mm, organ_weight = np.zeros(3, np.float32), 0.0, None
     if offset_fit is not None:
+        offset_mm, organ_mm, organ_weight = _fit_in_mm(offset_fit, grid)
         notes.append(spect_offset_note(offset_fit, offset_mm))
-        organ_mm = offset_fit.organ_shift_mm
-        if offset_fit.organ_weight is not None:
-            organ_weight = offset_fit.organ_weight[0, 0].detach().float().cpu().numpy()
     field_network = displacement_voxels_to_lps(disp_cpu[0].numpy(), grid)
     if identical:
         mean_mm = float(np.linalg.norm(field_network, axis=-1).mean())

@@ -24,16 +24,14 @@ from .geometry import displacement_lps_to_voxels
 from .network.metrics import jacobian_determinant, registration_metrics
 from .network.spect_offset import SpectOffsetConfig
 from .network.transform import warp
+from .baselines import CT_DRIVEN, POST_FIT, ROW_ORDER, ROWS, base_method
 from .benchmark import PeakMemory
 from .outputs import write_csv, write_text
 from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, normalise_ct, onto_grid
 from .resample import resample, resample_field
 
-# the paper's rows, plus our rigid CT-CT pre-alignment alone (what the network starts from)
-# "elastix-masked": the same Elastix with its metric restricted to the axial band the rigid stage uses;
-# "corx-no-offset": the bundled CoRX without the SPECT/CT offset (its CT-driven field moves the SPECT too)
-PAPER_ROW_ORDER = ["identity", "rigid", "elastix", "elastix-masked", "transmorph", "corx-nocs", "corx-no-offset",
-                   "corx", "corx-refine"]
+# every row, in report order (baselines.ROWS says what each one is)
+PAPER_ROW_ORDER = ROW_ORDER
 
 
 def displacement_error_map_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray) -> np.ndarray:
@@ -93,39 +91,92 @@ def voi_segments(series) -> dict:
 
 
 class MethodRunner:
-    """Produces each method's fields on the network grid (LPS mm) for one pair."""
+    """Produces each method's fields on the network grid (LPS mm) for one pair, with the seconds and
+    peak memory it took. A CT-driven field is kept for the pair's post-fit row ("ants-syn+fit"), whose
+    time is the base method's plus the fit's."""
 
     def __init__(self, models: dict, elastix_iterations: int = 1000, refine_iterations: int = 20,
-                 device: str = "auto", elastix_resolutions: int = 4):
+                 device: str = "auto", elastix_resolutions: int = 4, threads: int | None = None):
         from .engine import load_model
         self.models = {k: load_model(v) for k, v in models.items()}
         self.elastix_iterations, self.refine_iterations, self.device = elastix_iterations, refine_iterations, device
-        self.elastix_resolutions = elastix_resolutions
+        self.elastix_resolutions, self.threads = elastix_resolutions, threads
+        self.wanted = set(ROW_ORDER)       # the rows of this run (evaluate_series sets it)
+        self._kept = {}          # (base method, pair) -> (fixed, moving, field, seconds, peak MB), until its
+        #                          post-fit row uses it (evaluate_series forgets the rest at each series)
 
     @staticmethod
     def model_key(method: str) -> str:
         """The model a network method runs (corx-refine and corx-no-offset run the corx model)."""
         return "corx" if method in ("corx-refine", "corx-no-offset") else method
 
+    def skipped(self) -> dict:
+        """method -> why it cannot run here (a missing optional package or checkpoint)."""
+        from .baselines.ants import ants_available
+        from .baselines.elastix import elastix_available
+        out = {}
+        for reason, methods in ((elastix_available(), ("elastix", "elastix-masked", "elastix-dd", "elastix-ct-spect")),
+                                (ants_available(), ("ants-syn",))):
+            if reason:
+                out.update({m: reason for m in methods})
+        for method in ("transmorph", "corx-nocs"):
+            if method not in self.models:
+                out[method] = f"no {method} checkpoint given"
+        if "corx" not in self.models:
+            out.update({m: "no CoRX model given" for m in ("corx", "corx-no-offset", "corx-refine")})
+        elif self.refine_iterations <= 0:
+            out["corx-refine"] = "refinement iterations set to 0"
+        for b in CT_DRIVEN:                  # a post-fit row needs its base method, and CoRX's preprocessing
+            if b in out or "corx" not in self.models:
+                out[b + POST_FIT] = out.get(b, "no CoRX model given (the fit is CoRX's)")
+        return out
+
     def available(self) -> list:
-        out = ["identity", "rigid", "elastix", "elastix-masked"]
-        out += [m for m in ("transmorph", "corx-nocs", "corx") if m in self.models]
-        if "corx" in self.models:
-            out.append("corx-no-offset")
-        if "corx" in self.models and self.refine_iterations > 0:
-            out.append("corx-refine")
-        return [m for m in PAPER_ROW_ORDER if m in out]
+        skipped = self.skipped()
+        return [m for m in ROW_ORDER if m not in skipped]
 
     def spect_offset(self, method: str) -> bool:
         """Whether a network method's SPECT field includes the SPECT/CT offset (the engine's default
         for a model that reads the SPECT; never for corx-no-offset)."""
         return method != "corx-no-offset" and self.models[self.model_key(method)].reads_spect
 
+    def forget(self) -> None:
+        """Drop the kept CT-driven fields, so the next post-fit row measures its base method again."""
+        self._kept = {}
+
+    def keep(self, method: str, fixed: SpectCt, moving: SpectCt, field: np.ndarray, seconds: float,
+             peak_mb: float) -> None:
+        """Keep a CT-driven field of this pair (measured or read back) for its post-fit row, when that
+        row will run (:attr:`wanted`)."""
+        if method in CT_DRIVEN and method + POST_FIT in self.wanted:
+            self._kept[(method, id(fixed), id(moving))] = (fixed, moving, field, seconds, peak_mb)
+
+    def run(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
+        """(what the CT follows, what the SPECT follows, seconds, peak MB); one array twice for
+        methods whose one field moves both, so the caller converts and stores it once."""
+        base = base_method(method)
+        kept = self._kept.pop((base, id(fixed), id(moving)), None) if base != method else None
+        if kept is not None and kept[0] is fixed and kept[1] is moving:       # used once, then dropped
+            field, base_s, base_mb = kept[2:]
+        else:
+            t0 = time.perf_counter()
+            with PeakMemory() as memory:
+                field, field_spect = self.fields(base, fixed, moving, grid, cfg)
+            base_s, base_mb = time.perf_counter() - t0, memory.peak_mb
+            if base == method:
+                self.keep(method, fixed, moving, field, base_s, base_mb)
+                return field, field_spect, base_s, base_mb
+        from .engine import fit_spect_to_field
+        t0 = time.perf_counter()
+        with PeakMemory() as memory:
+            field_spect, _, _ = fit_spect_to_field(fixed, moving, field, grid, cfg)
+        return field, field_spect, base_s + time.perf_counter() - t0, float(np.nanmax([base_mb, memory.peak_mb]))
+
     def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
-        """(what the CT follows, what the SPECT follows); one array twice for CT-driven methods (every
-        method without the SPECT/CT offset), so the caller converts and stores it once."""
-        if method in ("identity", "rigid", "elastix", "elastix-masked"):
-            field = self._ct_driven_field(method, fixed, moving, grid, cfg)
+        """(what the CT follows, what the SPECT follows) of a method without a post-fit; one array twice
+        for methods whose one field moves both."""
+        if method in ("identity",) + CT_DRIVEN or method == "elastix-ct-spect":
+            field = self._classical_field(method, fixed, moving, grid, cfg)
             return field, field
         from .engine import register
         key = self.model_key(method)
@@ -140,7 +191,7 @@ class MethodRunner:
             return result.field_network, result.field_network
         return result.field_network, result.field_network_spect
 
-    def _ct_driven_field(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig):
+    def _classical_field(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig):
         if method == "identity":
             return np.zeros(grid.shape + (3,), np.float32)
         if method == "rigid":
@@ -150,18 +201,24 @@ class MethodRunner:
                                    for s in (fixed, moving))
             u, _ = rigid_prealign(fixed_ct, moving_ct, cfg.body_level)
             return displacement_voxels_to_lps(u[0].numpy(), grid)
-        if method in ("elastix", "elastix-masked"):
-            from .baselines.elastix import elastix_register_ct
+        (fixed_ct, fixed_spect), (moving_ct, moving_spect) = onto_grid(fixed, grid, cfg), onto_grid(moving, grid, cfg)
+        if method == "ants-syn":
+            from .baselines.ants import ants_register_ct
+            return ants_register_ct(fixed_ct, moving_ct, grid)
+        from .baselines import elastix
+        common = dict(iterations=self.elastix_iterations, resolutions=self.elastix_resolutions, threads=self.threads)
+        if method == "elastix-ct-spect":
+            return elastix.elastix_register_ct_spect(fixed_ct, moving_ct, fixed_spect, moving_spect, grid, **common)
+        if method in ("elastix", "elastix-masked", "elastix-dd"):
             from .network.rigid import RigidConfig, field_of_view_band
-            fixed_ct, _ = onto_grid(fixed, grid, cfg)
-            moving_ct, _ = onto_grid(moving, grid, cfg)
             mask = None
             if method == "elastix-masked":
                 band = field_of_view_band(torch.from_numpy(normalise_ct(fixed_ct, cfg))[None, None], cfg.body_level,
                                           RigidConfig().margin_voxels)
                 mask = band[0, 0].numpy() > 0
-            return elastix_register_ct(fixed_ct, moving_ct, grid, iterations=self.elastix_iterations,
-                                       resolutions=self.elastix_resolutions, fixed_mask=mask)
+            step = "DisplacementDistribution" if method == "elastix-dd" else "Original"
+            return elastix.elastix_register_ct(fixed_ct, moving_ct, grid, fixed_mask=mask, step_estimation=step,
+                                               **common)
         raise ValueError(f"unknown method {method!r}")
 
 
@@ -214,6 +271,8 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
     segments = voi_segments(series)
     voi_masks = {VOI_ERROR + name: mask for name, mask in segments.items() if mask.any()}   # row keys, VOIs present
     patient = f"{series.config.anatomy}-{series.config.seed}"
+    runner.forget()
+    runner.wanted = set(methods)
     pair_rows, tia_rows = [], []
     shown = max(i for i in range(len(sessions)) if i != ref)
     figure = {"warped": {}, "fields": {}, "jacobians": {}}
@@ -228,11 +287,9 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
             resumed = _resumed_fields(stored, settings)
             if resumed is not None:
                 field_ct, field, seconds, peak_mb = resumed
+                runner.keep(method, sessions[ref], sessions[i], field_ct, seconds, peak_mb)
             else:
-                t0 = time.perf_counter()
-                with PeakMemory() as memory:
-                    field_ct, field = runner.fields(method, sessions[ref], sessions[i], grid, cfg)
-                seconds, peak_mb = time.perf_counter() - t0, memory.peak_mb
+                field_ct, field, seconds, peak_mb = runner.run(method, sessions[ref], sessions[i], grid, cfg)
                 if stored is not None and seconds >= resume_min_seconds:
                     _store_fields(stored, settings, field_ct, field, seconds, peak_mb)
             one_field = field_ct is field              # CT-driven methods (no offset): convert and resample once
@@ -355,9 +412,49 @@ def _voi_groups(vois) -> dict:
     return {k: v for k, v in groups.items() if v}
 
 
+#: The speed column's reference: the strongest classical baseline present (ANTs SyN first).
+SPEED_REFERENCES = ("ants-syn", "elastix-dd", "elastix", "elastix-masked")
+
+#: The paired comparison: CoRX against these rows, over the same pairs (first present of each group).
+PAIRED_AGAINST = ("corx-no-offset", "rigid+fit", "ants-syn", "ants-syn+fit", "elastix-dd+fit", "elastix-ct-spect")
+PAIRED_ERRORS = (("spect_error_body_mean_mm", "body"), ("spect_error_organs_mean_mm", "organs"),
+                 ("spect_error_tumours_mean_mm", "tumours"))
+
+
+def paired_differences(rows: list, method: str, other: str, key: str) -> np.ndarray:
+    """Per pair present for both methods: ``method``'s value of ``key`` minus ``other``'s."""
+    by_pair = {}
+    for r in rows:
+        if r["method"] in (method, other) and r.get(key) is not None and np.isfinite(r[key]):
+            by_pair.setdefault((r["dataset"], r["patient"], r["moving_h"]), {})[r["method"]] = r[key]
+    return np.asarray([v[method] - v[other] for v in by_pair.values() if len(v) == 2], float)
+
+
+def paired_table(rows: list, methods: list, method: str = "corx") -> list:
+    """Markdown lines: ``method`` minus each row of :data:`PAIRED_AGAINST` in SPECT-field error (mm), per
+    pair: mean ± standard error and wins/losses (negative = ``method`` better); empty without ``method``."""
+    others = [m for m in PAIRED_AGAINST if m in methods and m != method]
+    if method not in methods or not others or not any(r["method"] == method for r in rows):
+        return []
+    out = [f"Paired over pairs, {method} minus each row (SPECT-field error, mm; mean ± SE; wins/losses of {method}):", "",
+           "| against | " + " | ".join(name for _, name in PAIRED_ERRORS) + " |", "|---|" + "---:|" * len(PAIRED_ERRORS)]
+    for other in others:
+        cells = []
+        for key, _ in PAIRED_ERRORS:
+            d = paired_differences(rows, method, other, key)
+            if not d.size:
+                cells.append("-")
+                continue
+            se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
+            cells.append(f"{d.mean():+.2f} ± {se:.2f} ({int((d < 0).sum())}/{int((d > 0).sum())})")
+        out.append(f"| {other} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
     """Markdown: per dataset, the paper's Table 2 columns plus truth errors (mean ± SD over pairs),
-    speed relative to Elastix, the SPECT-field error per VOI class, and the TIA table (median voxel
+    speed relative to the strongest classical baseline present (:data:`SPEED_REFERENCES`), CoRX paired
+    against the rows that decide what its network adds (:func:`paired_table`), the SPECT-field error per VOI class, and the TIA table (median voxel
     error and VOI TIA error per VOI class). With more than one dataset, the same tables over every pair come first."""
     lines = []
     datasets = list(dict.fromkeys(r["dataset"] for r in pair_rows))
@@ -367,19 +464,22 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
         sections.insert(0, (f"all {len(datasets)} datasets and protocols", pair_rows, tia_rows))
     for title, rows, trows in sections:
         n_pairs = len({(r["dataset"], r["patient"], r["moving_h"]) for r in rows})
+        present = {r["method"] for r in rows}
+        reference = next((m for m in SPEED_REFERENCES if m in present), None)
+        ref_seconds = [r["seconds"] for r in rows if r["method"] == reference]
         lines += [f"### {title} ({n_pairs} pairs)", "",
-                  "| method | " + " | ".join(c[1] for c in PAIR_COLUMNS) + " | speed vs Elastix |",
+                  "| method | " + " | ".join(c[1] for c in PAIR_COLUMNS) + f" | speed vs {reference or '-'} |",
                   "|---|" + "---:|" * (len(PAIR_COLUMNS) + 1)]
-        elastix = [r["seconds"] for r in rows if r["method"] == "elastix"] or \
-            [r["seconds"] for r in rows if r["method"] == "elastix-masked"]
         for m in methods:
             mine = [r for r in rows if r["method"] == m]
             if not mine:
                 continue
-            speed = f"{np.median(elastix) / np.median([r['seconds'] for r in mine]):.1f}x" if elastix and m not in (
-                "identity", "elastix", "elastix-masked") else "-"
+            speed = f"{np.median(ref_seconds) / np.median([r['seconds'] for r in mine]):.2g}x" \
+                if ref_seconds and m not in ("identity", reference) else "-"
             lines.append(f"| {m} | " + " | ".join(_mean_sd([r.get(k) for r in mine]) for k, _ in PAIR_COLUMNS)
                          + f" | {speed} |")
+        lines.append("")
+        lines += paired_table(rows, methods)
         lines.append("")
         groups = _voi_groups({k[len(VOI_ERROR):-len("_mean_mm")] for r in rows for k in r if k.startswith(VOI_ERROR)})
         if groups:
@@ -418,12 +518,24 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
     a file (in memory: nothing identifies it) has no entry, so nothing of it is stored."""
     import json
     from .network.checkpoint import file_sha256
+    from .baselines.ants import SYN_SETTINGS
+    from .baselines.elastix import CT_SPECT_METRICS, CT_SPECT_WEIGHTS
     common = {"preset": preset, "preprocess": cfg.to_dict()}
     out = {}
     for method in runner.available():
         own = {}
-        if method in ("elastix", "elastix-masked"):
+        base = base_method(method)
+        if base.startswith("elastix"):
             own = {"elastix_iterations": runner.elastix_iterations, "elastix_resolutions": runner.elastix_resolutions}
+            if base == "elastix-dd":
+                own["step_estimation"] = "DisplacementDistribution"
+            elif base == "elastix-ct-spect":
+                own.update(step_estimation="DisplacementDistribution", metrics=CT_SPECT_METRICS,
+                           weights=CT_SPECT_WEIGHTS)
+        elif base == "ants-syn":
+            own = {"ants": SYN_SETTINGS}
+        if method != base:
+            own["spect_fit"] = asdict(SpectOffsetConfig())
         elif runner.model_key(method) in runner.models:
             source = runner.models[runner.model_key(method)].source
             if not Path(source).is_file():
@@ -450,10 +562,12 @@ def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, pr
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runner = MethodRunner(models or {"corx": "bundled"}, elastix_iterations, refine_iterations, device)
+    skipped = runner.skipped()
     unknown = [m for m in (methods or []) if m not in runner.available()]
     if unknown:
-        raise ValueError(f"methods {unknown} need a checkpoint (--transmorph / --corx-nocs) or are unknown; "
-                         f"available: {runner.available()}")
+        raise ValueError("cannot run " + "; ".join(f"{m}: {skipped.get(m, 'unknown method')}" for m in unknown)
+                         + f" (available: {', '.join(runner.available())})")
+    not_run = {} if methods else skipped          # rows left out of a full run, and why
     methods = [m for m in runner.available() if m in (methods or runner.available())]
     cfg = runner.models["corx"].preprocess if "corx" in runner.models else PreprocessConfig()
     protocols = protocols or PROTOCOLS
@@ -475,11 +589,18 @@ def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, pr
             figures.append(f"![{name}](figure_{slug}.png)")
             pair_rows += p
             tia_rows += t
+    itk_threads = ""
+    if any(base_method(m).startswith("elastix") for m in methods):
+        from .baselines.elastix import set_threads
+        itk_threads = f", ITK (Elastix) {set_threads(None)} threads"
     report = ["# CoRX evaluation", "",
               f"Methods run side by side in one process on the same pairs; seeds {list(seeds)}"
               f"{' + patient15' if patient15 else ''}; preset {preset}; Elastix {elastix_iterations} iterations; "
-              f"refinement {refine_iterations} iterations; torch {torch.__version__}, {torch.get_num_threads()} threads.",
-              "", summarise(pair_rows, tia_rows, methods),
+              f"refinement {refine_iterations} iterations; torch {torch.__version__}, {torch.get_num_threads()} threads"
+              f"{itk_threads}.", "", "| row | what it is |", "|---|---|",
+              *(f"| `{m}` | {ROWS[m]} |" for m in methods), "",
+              *(["Not run: " + "; ".join(f"{m} ({why})" for m, why in not_run.items()) + ".", ""] if not_run else []),
+              summarise(pair_rows, tia_rows, methods),
               f"Wall time {time.perf_counter() - t_start:.0f} s.", ""]
     n_resumed = sum(bool(r["resumed"]) for r in pair_rows)
     if n_resumed:
