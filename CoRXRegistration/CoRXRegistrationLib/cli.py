@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD",
                     help="a subset (default: every available): " + ", ".join(ROW_ORDER))
     ev.add_argument("--fresh", action="store_true",
-                    help="measure every field again (default: reuse the Elastix fields an interrupted run with the "
-                         "same settings left in OUT/resume/)")
+                    help="measure every field again (default: reuse the fields of 30 s or more, e.g. Elastix's, that "
+                         "an interrupted run with the same settings left in OUT/resume/)")
     ev.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("benchmark", help="forward time and peak memory per configuration; voxel TIA time; "
