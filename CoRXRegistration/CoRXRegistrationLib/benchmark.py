@@ -196,7 +196,8 @@ def benchmark_methods(methods, repeats: int = 3, device: str = "cpu", seed: int 
 def format_method_table(rows: list, reference: str = "ants-syn") -> str:
     """Markdown: median and minimum seconds, peak memory, and speed relative to ``reference`` per method."""
     ref = next((r["median_s"] for r in rows if r["method"] == reference and "median_s" in r), None)
-    lines = [f"| method | median s / pair | min s | peak memory (MB) | speed vs {reference} |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| method | median s / pair | min s | peak memory (MB) | speed vs {reference} |",
+             "|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | not run: {r['error']} ||||")

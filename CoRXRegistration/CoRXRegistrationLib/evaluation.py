@@ -30,8 +30,8 @@ from .outputs import write_csv, write_text
 from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, normalise_ct, onto_grid
 from .resample import resample, resample_field
 
-# every row, in report order (baselines.ROWS says what each one is)
-PAPER_ROW_ORDER = ROW_ORDER
+#: Methods with one field for CT and SPECT that need no network.
+CLASSICAL = ("identity",) + CT_DRIVEN + ("elastix-ct-spect",)
 
 
 def displacement_error_map_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray) -> np.ndarray:
@@ -175,7 +175,7 @@ class MethodRunner:
     def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
         """(what the CT follows, what the SPECT follows) of a method without a post-fit; one array twice
         for methods whose one field moves both."""
-        if method in ("identity",) + CT_DRIVEN or method == "elastix-ct-spect":
+        if method in CLASSICAL:
             field = self._classical_field(method, fixed, moving, grid, cfg)
             return field, field
         from .engine import register
@@ -415,7 +415,7 @@ def _voi_groups(vois) -> dict:
 #: The speed column's reference: the strongest classical baseline present (ANTs SyN first).
 SPEED_REFERENCES = ("ants-syn", "elastix-dd", "elastix", "elastix-masked")
 
-#: The paired comparison: CoRX against these rows, over the same pairs (first present of each group).
+#: The paired comparison: CoRX against each of these rows present, over the pairs both ran.
 PAIRED_AGAINST = ("corx-no-offset", "rigid+fit", "ants-syn", "ants-syn+fit", "elastix-dd+fit", "elastix-ct-spect")
 PAIRED_ERRORS = (("spect_error_body_mean_mm", "body"), ("spect_error_organs_mean_mm", "organs"),
                  ("spect_error_tumours_mean_mm", "tumours"))
@@ -436,8 +436,9 @@ def paired_table(rows: list, methods: list, method: str = "corx") -> list:
     others = [m for m in PAIRED_AGAINST if m in methods and m != method]
     if method not in methods or not others or not any(r["method"] == method for r in rows):
         return []
-    out = [f"Paired over pairs, {method} minus each row (SPECT-field error, mm; mean ± SE; wins/losses of {method}):", "",
-           "| against | " + " | ".join(name for _, name in PAIRED_ERRORS) + " |", "|---|" + "---:|" * len(PAIRED_ERRORS)]
+    out = [f"Paired over pairs, {method} minus each row (SPECT-field error, mm; mean ± SE; wins/losses of "
+           f"{method}):", "", "| against | " + " | ".join(name for _, name in PAIRED_ERRORS) + " |",
+           "|---|" + "---:|" * len(PAIRED_ERRORS)]
     for other in others:
         cells = []
         for key, _ in PAIRED_ERRORS:
@@ -454,8 +455,9 @@ def paired_table(rows: list, methods: list, method: str = "corx") -> list:
 def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
     """Markdown: per dataset, the paper's Table 2 columns plus truth errors (mean ± SD over pairs),
     speed relative to the strongest classical baseline present (:data:`SPEED_REFERENCES`), CoRX paired
-    against the rows that decide what its network adds (:func:`paired_table`), the SPECT-field error per VOI class, and the TIA table (median voxel
-    error and VOI TIA error per VOI class). With more than one dataset, the same tables over every pair come first."""
+    against the rows that decide what its network adds (:func:`paired_table`), the SPECT-field error per
+    VOI class, and the TIA table (median voxel error and VOI TIA error per VOI class). With more than one
+    dataset, the same tables over every pair come first."""
     lines = []
     datasets = list(dict.fromkeys(r["dataset"] for r in pair_rows))
     sections = [(d, [r for r in pair_rows if r["dataset"] == d], [r for r in tia_rows if r["dataset"] == d])

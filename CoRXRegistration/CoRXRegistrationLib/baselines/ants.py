@@ -68,8 +68,8 @@ def ants_register_ct(fixed_ct: np.ndarray, moving_ct: np.ndarray, geometry: Geom
         with tempfile.TemporaryDirectory(prefix="corx-ants-") as tmp:
             result = ants.registration(fixed, moving, type_of_transform=s["type_of_transform"],
                                        aff_metric=s["aff_metric"], syn_metric=s["syn_metric"],
-                                       reg_iterations=tuple(s["reg_iterations"]), initial_transform=s["initial_transform"],
-                                       outprefix=str(Path(tmp) / "syn_"))
+                                       reg_iterations=tuple(s["reg_iterations"]),
+                                       initial_transform=s["initial_transform"], outprefix=str(Path(tmp) / "syn_"))
             composed = ants.apply_transforms(fixed, moving, result["fwdtransforms"], compose=str(Path(tmp) / "all_"))
             if composed is None:
                 raise RuntimeError("antsApplyTransforms wrote no composed displacement field")
