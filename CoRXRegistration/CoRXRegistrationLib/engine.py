@@ -35,7 +35,7 @@ from .network.transform import compose, integrate_velocity, warp
 from .outputs import OutputSet
 from .progress import Cancelled, check_cancel
 from .preprocess import (PreprocessConfig, SpectCt, field_on_native_grid, metric_images, network_grid,
-                         normalise_ct, normalise_spect, onto_grid)
+                         normalise_ct, normalise_spect, onto_grid, spect_onto_grid)
 from .resample import resample
 from .validate import check_session
 
@@ -169,7 +169,7 @@ def fit_spect_to_field(fixed: SpectCt, moving: SpectCt, field_network: np.ndarra
     field ``field_network`` (LPS mm on the network ``grid``, resampling convention), the SPECTs
     normalised as ``cfg`` says; returns (the field the SPECT follows on ``grid``, the fit, its note).
     This is the step :func:`register` runs after the network, applicable to a classical field too."""
-    fsp, msp = (_tensor(normalise_spect(onto_grid(s, grid, cfg)[1], cfg), "cpu") for s in (fixed, moving))
+    fsp, msp = (_tensor(normalise_spect(spect_onto_grid(s, grid), cfg), "cpu") for s in (fixed, moving))
     disp = torch.from_numpy(displacement_lps_to_voxels(np.asarray(field_network, np.float32), grid))[None]
     fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), config or SpectOffsetConfig(),
                            _cranio_caudal_voxels(grid))

@@ -126,14 +126,21 @@ def metric_images(ct_hu: np.ndarray, spect: np.ndarray) -> tuple:
 
 def onto_grid(session: SpectCt, grid: Geometry, cfg: PreprocessConfig) -> tuple:
     """(CT in HU, SPECT in Bq/mL) of one session resampled onto ``grid`` (float32, (Z, Y, X) each).
-    CT outside its field of view is air; SPECT outside is 0; negative SPECT is clipped to 0."""
-    session.validate()
+    CT outside its field of view is air; SPECT as :func:`spect_onto_grid`."""
+    spect = spect_onto_grid(session, grid)
     ct = resample(session.ct, session.ct_geometry, grid, fill=min(cfg.ct_window_hu[0], -1000.0))
+    return ct, spect
+
+
+def spect_onto_grid(session: SpectCt, grid: Geometry) -> np.ndarray:
+    """The session's SPECT (Bq/mL) resampled onto ``grid``: 0 outside its field of view, negative
+    values clipped to 0; refused where it does not overlap the grid."""
+    session.validate()
     spect = resample(np.clip(np.asarray(session.spect, np.float32), 0, None), session.spect_geometry, grid)
     if float(spect.max()) <= 0:
         raise GeometryError(f"{session.label} SPECT does not overlap the network grid "
                             f"({grid.describe()}); check the volumes' origins")
-    return ct, spect
+    return spect
 
 
 def field_of_view(session: SpectCt, grid: Geometry) -> np.ndarray:
