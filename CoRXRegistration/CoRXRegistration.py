@@ -464,7 +464,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         try:   # all the pair's nodes or none: a failure half-way removes what was made
             nodes["transform"] = gridTransformNodeFromField(result.field_spect, g_spect, f"CoRX transform {name}")
             nodes["deformedSPECT"] = addVolumeNode(result.warped_spect, g_spect, f"SPECT {name} deformed")
-            nodes["deformedCT"] = addVolumeNode(result.warped_ct, g_ct, f"CT {name} deformed")
+            nodes["deformedCT"] = addVolumeNode(result.warped_ct, result.warped_ct_geometry or g_ct, f"CT {name} deformed")
             nodes["jacobian"] = addVolumeNode(result.jacobian_spect, g_spect, f"Jacobian {name}")
             nodes["deformationRGB"] = addVolumeNode(deformation_rgb(result.field_spect).numpy(), g_spect,
                                                     f"Deformation RGB {name}", "vtkMRMLVectorVolumeNode")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from CoRXRegistrationLib.cli import main as corx_main
-from CoRXRegistrationLib.engine import DeviceError, load_model, register, select_device, write_registration
+from CoRXRegistrationLib.engine import (FIELD_STEP_MM, DeviceError, load_model, quantised, register, select_device,
+                                        write_registration)
 from CoRXRegistrationLib.geometry import Geometry, GeometryError
-from CoRXRegistrationLib.imageio import read_displacement_field
+from CoRXRegistrationLib.imageio import read_displacement_field, read_image
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
 from CoRXRegistrationLib.preprocess import PreprocessConfig, network_grid, to_network
@@ -47,9 +48,10 @@ def test_register_produces_native_outputs_on_the_fixed_grids(small_series, tiny_
                       progress=lambda f, t="": seen.append(f))
     assert seen[-1] == 1.0 and all(b >= a for a, b in zip(seen, seen[1:]))
     assert result.field_spect.shape == fixed.spect_geometry.shape + (3,)
-    assert result.field_ct.shape == fixed.ct_geometry.shape + (3,)
     assert result.warped_spect.shape == fixed.spect_geometry.shape
-    assert result.warped_ct.shape == fixed.ct_geometry.shape
+    assert result.warped_ct.shape == fixed.ct_geometry.shape and result.warped_ct_geometry is fixed.ct_geometry
+    # the SPECT field is held at the resolution it is stored with, so the files and the maps agree
+    np.testing.assert_array_equal(quantised(result.field_spect, FIELD_STEP_MM), result.field_spect)
     assert np.isfinite(result.field_spect).all() and np.isfinite(result.jacobian_spect).all()
     for stage in ("identity", "registered"):
         assert set(result.metrics[stage]) == {"ct_l1", "ct_ssim", "spect_ssim", "spect_lncc",
@@ -63,6 +65,40 @@ def test_register_produces_native_outputs_on_the_fixed_grids(small_series, tiny_
     assert rgb.GetSize() == fixed.spect_geometry.size_xyz
     with pytest.raises(FileExistsError):
         write_registration(result, tmp_path / "reg")
+    summary = json.loads((tmp_path / "reg" / "metrics.json").read_text())
+    assert summary["grids"]["warped_ct"] == "fixed CT"
+
+
+def test_warped_ct_on_the_spect_grid_is_the_same_warp_sampled_there(small_series, tiny_model, tmp_path):
+    """``ct_grid="spect"`` (what ``corx register`` writes by default) warps the moving CT through the same
+    CT-driven field onto the fixed SPECT grid; the warp onto the CT grid, resampled there, agrees with it
+    up to the two interpolations."""
+    import SimpleITK as sitk
+    fixed, moving = session(small_series, 0), session(small_series, 2)
+    native = register(fixed, moving, model=tiny_model, device="cpu", qa_metrics=False)
+    small = register(fixed, moving, model=tiny_model, device="cpu", qa_metrics=False, ct_grid="spect")
+    np.testing.assert_array_equal(native.field_network, small.field_network)
+    assert small.warped_ct_geometry is fixed.spect_geometry and small.warped_ct.shape == fixed.spect_geometry.shape
+    resampled = resample(native.warped_ct, fixed.ct_geometry, fixed.spect_geometry, fill=-1000.0)
+    body = resampled > -500
+    assert body.mean() > 0.05
+    assert np.median(np.abs(resampled - small.warped_ct)[body]) < 40.0      # HU, after 2 vs 1 interpolation
+    files = write_registration(small, tmp_path / "small")
+    image = sitk.ReadImage(files["warped_ct"])
+    assert image.GetSize() == fixed.spect_geometry.size_xyz and image.GetPixelID() == sitk.sitkInt16
+    assert json.loads((tmp_path / "small" / "metrics.json").read_text())["grids"]["warped_ct"] == "fixed SPECT"
+    with pytest.raises(ValueError, match="ct_grid"):
+        register(fixed, moving, model=tiny_model, device="cpu", ct_grid="native")
+
+
+def test_stored_values_keep_their_sign():
+    values = np.array([-1.3, -1e-4, 0.0, 1e-4, 0.9991, 2.5], np.float32)
+    q = quantised(values, 2.0 ** -8, keep_sign=True)
+    assert np.all(np.abs(q - values) <= 2.0 ** -8)
+    assert np.all((q > 0) == (values > 0)) and q.dtype == np.float32
+    assert np.all(np.rint(q * 256) == q * 256)
+    nearest = quantised(values, 2.0 ** -8)
+    assert np.all(np.abs(nearest - values) <= 2.0 ** -9) and nearest[3] == 0.0
 
 
 def test_spect_warp_preserves_voi_activity_for_a_known_translation(small_series):
@@ -129,6 +165,14 @@ def test_corx_register_command_and_model_info(small_series_dir, tiny_model, tmp_
     assert corx_main(args) == 0
     out = capsys.readouterr().out
     assert "registered:" in out and (tmp_path / "out" / "field_spect.nrrd").is_file()
+    assert "threads" in out and "SimpleITK" in out                # how many threads it used
+    _, ct_grid = read_image(tmp_path / "out" / "warped_ct.nii.gz")
+    _, spect_grid = read_image(d / tp[0]["spect"])
+    assert ct_grid.same_grid(spect_grid)                           # by default on the fixed SPECT grid
+    assert corx_main(args[:-1] + [str(tmp_path / "native"), "--native-ct"]) == 0
+    _, native_grid = read_image(tmp_path / "native" / "warped_ct.nii.gz")
+    assert native_grid.same_grid(read_image(d / tp[0]["ct"])[1])
+    capsys.readouterr()
     assert "spect_organ_shift_mm_superior" in json.loads((tmp_path / "out" / "metrics.json").read_text())
     translation = args.copy()
     translation[translation.index("--out") + 1] = str(tmp_path / "translation")

@@ -123,6 +123,45 @@ def test_ssim_of_constant_images_matches_the_formula():
     assert float(ssim(x, torch.flip(x, dims=(2,)))) < 0.5
 
 
+def test_ssim_brute_force_and_the_fast_cpu_path_agree_with_the_gradient_path():
+    """SSIM matches a brute-force Gaussian-window computation; the CPU path without gradients (scipy,
+    batched, fixed image filtered once) gives what the differentiable conv3d path gives."""
+    from CoRXRegistrationLib.network.metrics import registration_metrics, registration_metrics_of, ssim_against
+    rng = np.random.default_rng(4)
+    a = rng.random((9, 10, 11))
+    b = 0.7 * a + 0.3 * rng.random((9, 10, 11))
+    k = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
+    k /= k.sum()
+
+    def blur(v):
+        p = np.pad(v, 5, mode="edge")
+        out = np.zeros_like(v)
+        for dz in range(11):
+            for dy in range(11):
+                for dx in range(11):
+                    out += k[dz] * k[dy] * k[dx] * p[dz:dz + 9, dy:dy + 10, dx:dx + 11]
+        return out
+    ma, mb = blur(a), blur(b)
+    saa, sbb, sab = blur(a * a) - ma ** 2, blur(b * b) - mb ** 2, blur(a * b) - ma * mb
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    expected = np.mean((2 * ma * mb + c1) * (2 * sab + c2) / ((ma ** 2 + mb ** 2 + c1) * (saa + sbb + c2)))
+    ta, tb = torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]
+    assert float(ssim(ta, tb)) == pytest.approx(expected, rel=1e-6)
+    with torch.enable_grad():
+        differentiable = ssim(ta.clone().requires_grad_(True), tb)       # conv3d path
+    assert float(differentiable.detach()) == pytest.approx(expected, rel=1e-6)
+    c = torch.from_numpy(rng.random((1, 1, 9, 10, 11)))
+    both = ssim_against(ta, [tb, c])
+    assert float(both[0]) == pytest.approx(float(ssim(ta, tb)), rel=1e-9)
+    assert float(both[1]) == pytest.approx(float(ssim(ta, c)), rel=1e-9)
+    u = torch.zeros(1, 3, 9, 10, 11)
+    u[0, 2, :, :, 6:] = 0.5
+    shared = registration_metrics_of(ta, tb, [(c, c, torch.zeros_like(u)), (tb, ta, u)])
+    assert shared[0] == pytest.approx(registration_metrics(ta, c, tb, c, torch.zeros_like(u)), rel=1e-9)
+    assert shared[1] == pytest.approx(registration_metrics(ta, tb, tb, ta, u), rel=1e-9)
+    assert shared[0]["jacobian_nonpositive_percent"] == 0.0
+
+
 def test_jacobian_of_affine_fields_and_folding_count():
     z, y, x = torch.meshgrid(*(torch.arange(10.0) for _ in range(3)), indexing="ij")
     a = torch.tensor([[1.2, 0.1, 0.0], [0.0, 0.9, 0.2], [0.05, 0.0, 1.1]])   # p -> A p, channels (z, y, x)

@@ -1,6 +1,7 @@
 """Speed and memory benchmarks (commands, not timed tests): network forward per 128^3 pair for
-every named configuration, and voxel TIA for 128^3 x 4 time points. Each network runs in a fresh
-process so its peak memory is its own."""
+every named configuration (each in a fresh process so its peak memory is its own), voxel TIA for
+128^3 x 4 time points, every stage of ``register()`` in a warm process, the whole ``corx register`` and
+``corx register-series`` commands as a user runs them, and the registration methods side by side."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -131,22 +132,111 @@ def benchmark_voxel_tia(repeats: int = 3, shape=(128, 128, 128), seed: int = 0) 
             "threads": torch.get_num_threads()}
 
 
-def benchmark_registration(repeats: int = 3, model="bundled", device: str = "cpu", seed: int = 5000) -> dict:
-    """Median seconds of ``engine.register`` for one clinical-size simulated pair (24 h onto 4 h) with
-    the given model, per stage (preprocessing, pre-alignment, network) and in total, without the QA
-    metrics and native-resolution outputs (those are reported by ``corx register`` itself)."""
-    from .engine import load_model, register
+def _folder_mb(folder) -> float:
+    from pathlib import Path
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+def benchmark_registration(repeats: int = 3, model="bundled", device: str = "cpu", seed: int = 5000,
+                           ct_grid: str = "spect") -> dict:
+    """What one pair costs inside a warm process (the model loaded, one warm-up pair done): median
+    seconds of every stage of ``engine.register`` (QA metrics and native-resolution outputs included,
+    the CT warped onto ``ct_grid`` as ``corx register`` does) and of writing its files, for one
+    clinical-size simulated pair (24 h onto 4 h); also the peak memory above the process's level before
+    the pair (MB) and the files' size (MB)."""
+    import tempfile
+
+    from .engine import load_model, register, write_registration
     from .simulation import SimulationConfig, simulate_series
 
     sessions = simulate_series(SimulationConfig.preset("clinical", seed=seed)).sessions()
     loaded = load_model(model)
-    runs = []
+    runs, peaks = [], []
     for r in range(repeats + 1):                 # the first run is warm-up
-        result = register(sessions[0], sessions[1], model=loaded, device=device, native_outputs=False,
-                          qa_metrics=False)
+        with tempfile.TemporaryDirectory() as out, PeakMemory() as memory:
+            result = register(sessions[0], sessions[1], model=loaded, device=device, ct_grid=ct_grid)
+            t = time.perf_counter()
+            write_registration(result, out)
+            timings = dict(result.timings_s, write=time.perf_counter() - t)
+            timings["total with writing"] = timings["total"] + timings["write"]
+            files_mb = _folder_mb(out)
         if r:
-            runs.append(result.timings_s)
-    return {k: statistics.median(t[k] for t in runs) for k in runs[0]}
+            runs.append(timings)
+            peaks.append(memory.peak_mb)
+    out = {k: statistics.median(t[k] for t in runs) for k in runs[0]}
+    return {"stages_s": out, "peak_mb": max(peaks), "files_mb": files_mb, "repeats": repeats}
+
+
+def format_stage_table(bench: dict) -> str:
+    """Markdown: median seconds per stage of :func:`benchmark_registration`."""
+    lines = ["| stage | median s |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in bench["stages_s"].items()]
+    lines.append(f"\npeak memory of the pair {bench['peak_mb']:.0f} MB above the warm process; files "
+                 f"{bench['files_mb']:.1f} MB; median of {bench['repeats']} after a warm-up pair")
+    return "\n".join(lines)
+
+
+def _timed_command(argv: list) -> tuple:
+    """(wall seconds, peak resident memory MB of that process) of one command run to completion."""
+    import os
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)          # this child's own resource usage
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            last = err.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{' '.join(argv[3:4])} failed (exit {proc.returncode}): {' '.join(last)}")
+    return seconds, usage.ru_maxrss / 1024.0 if sys.platform != "darwin" else usage.ru_maxrss / 1024.0 ** 2
+
+
+def benchmark_commands(repeats: int = 3, device: str = "cpu", seed: int = 5000, log=print) -> list:
+    """What a user waits for: ``corx register`` on one pair and ``corx register-series`` on the whole
+    4-time-point series, each a fresh process from start-up to the last file written (wall seconds,
+    median of ``repeats``; peak resident memory of the process; files written per pair), on a clinical-size
+    simulated series (SNUH protocol, 4 / 24 / 48 / 120 h) written to a temporary folder first."""
+    import tempfile
+    from pathlib import Path
+
+    from .simulation import SimulationConfig, simulate_series, write_series
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        series = write_series(simulate_series(SimulationConfig.preset("clinical", seed=seed)), work / "series")
+        folder = series.parent
+        cli = [sys.executable, "-m", "CoRXRegistrationLib.cli"]
+        names = {h: f"{int(h):03d}h" for h in (4, 24)}
+        pair = ["--fixed-ct", folder / f"ct_{names[4]}.nii.gz", "--fixed-spect", folder / f"spect_{names[4]}.nii.gz",
+                "--moving-ct", folder / f"ct_{names[24]}.nii.gz", "--moving-spect", folder / f"spect_{names[24]}.nii.gz"]
+        commands = {"corx register (one pair)": (cli + ["register", *map(str, pair), "--device", device], 1),
+                    "corx register-series (4 time points)": (cli + ["register-series", str(series), "--device",
+                                                                    device], 3)}
+        rows = []
+        for name, (argv, pairs) in commands.items():
+            seconds, peaks = [], []
+            for r in range(repeats):
+                out = work / f"out-{len(rows)}-{r}"
+                s, peak = _timed_command(argv + ["--out", str(out)])
+                seconds.append(s)
+                peaks.append(peak)
+                files_mb = _folder_mb(out) / pairs
+                log(f"{name} run {r + 1}/{repeats}: {s:.1f} s, peak {peak:.0f} MB")
+            rows.append({"command": name, "median_s": statistics.median(seconds), "min_s": min(seconds),
+                         "per_pair_s": statistics.median(seconds) / pairs, "peak_mb": max(peaks),
+                         "files_mb_per_pair": files_mb, "repeats": repeats})
+    return rows
+
+
+def format_command_table(rows: list) -> str:
+    lines = ["| command | median wall s | min s | wall s per pair | peak memory (MB) | files per pair (MB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['command']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['per_pair_s']:.2f} | "
+              f"{r['peak_mb']:.0f} | {r['files_mb_per_pair']:.1f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def benchmark_methods(methods, repeats: int = 3, device: str = "cpu", seed: int = 5000, model="bundled",
@@ -155,8 +245,10 @@ def benchmark_methods(methods, repeats: int = 3, device: str = "cpu", seed: int 
     onto 4 h), side by side in this process, every method measured afresh ``repeats`` times after one
     warm-up run of CoRX (model load, first forward). Each method yields its fields on the network grid,
     as in ``corx evaluate``; the "corx register()" row adds what ``corx register`` computes besides
-    (QA metrics, native-resolution fields, warped volumes, Jacobian)."""
-    from .engine import register
+    (QA metrics, the field on the SPECT grid, warped SPECT and CT, Jacobian) and writes its files."""
+    import tempfile
+
+    from .engine import register, write_registration
     from .evaluation import MethodRunner
     from .preprocess import network_grid
     from .simulation import SimulationConfig, simulate_series
@@ -179,8 +271,9 @@ def benchmark_methods(methods, repeats: int = 3, device: str = "cpu", seed: int 
             runner.forget()
             if method == "corx register()":
                 t0 = time.perf_counter()
-                with PeakMemory() as memory:
-                    register(fixed, moving, model=runner.models["corx"], device=device)
+                with PeakMemory() as memory, tempfile.TemporaryDirectory() as out:
+                    write_registration(register(fixed, moving, model=runner.models["corx"], device=device,
+                                                ct_grid="spect"), out)
                 s = time.perf_counter() - t0
             else:
                 with PeakMemory() as memory:
@@ -193,17 +286,21 @@ def benchmark_methods(methods, repeats: int = 3, device: str = "cpu", seed: int 
     return rows
 
 
-def format_method_table(rows: list, reference: str = "ants-syn") -> str:
-    """Markdown: median and minimum seconds, peak memory, and speed relative to ``reference`` per method."""
-    ref = next((r["median_s"] for r in rows if r["method"] == reference and "median_s" in r), None)
-    lines = [f"| method | median s / pair | min s | peak memory (MB) | speed vs {reference} |",
-             "|---|---:|---:|---:|---:|"]
+def format_method_table(rows: list, references=("ants-syn", "elastix-dd")) -> str:
+    """Markdown: median and minimum seconds, peak memory, and speed relative to each of ``references``
+    (those measured) per method."""
+    refs = {name: next((r["median_s"] for r in rows if r["method"] == name and "median_s" in r), None)
+            for name in references}
+    refs = {k: v for k, v in refs.items() if v}
+    lines = ["| method | median s / pair | min s | peak memory (MB) | " + " | ".join(f"speed vs {k}" for k in refs)
+             + " |", "|---|---:|---:|---:|" + "---:|" * len(refs)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | not run: {r['error']} ||||")
+            lines.append(f"| {r['method']} | not run: {r['error']} |||" + "|" * len(refs))
             continue
-        speed = f"{ref / r['median_s']:.2g}x" if ref and r["method"] != reference else "-"
-        lines.append(f"| {r['method']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['peak_mb']:.0f} | {speed} |")
+        speed = [f"{v / r['median_s']:.2g}x" if r["method"] != k else "-" for k, v in refs.items()]
+        lines.append(f"| {r['method']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['peak_mb']:.0f} | "
+                     + " | ".join(speed) + " |")
     return "\n".join(lines)
 
 

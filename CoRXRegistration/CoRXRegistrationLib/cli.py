@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -103,16 +104,17 @@ def _cmd_model_info(args) -> int:
 def _cmd_register(args) -> int:
     from .engine import register, registration_outputs, write_registration
     from .network.spect_offset import SpectOffsetConfig
-    from .series_io import read_session
+    from .series_io import read_sessions
 
     allow = _allow(args)
     inputs = [args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect]
     plan = registration_outputs(args.out, protected=inputs).prepare(args.overwrite)     # before any work
-    fixed = read_session(args.fixed_ct, args.fixed_spect, "fixed")
-    moving = read_session(args.moving_ct, args.moving_spect, "moving")
+    fixed, moving = read_sessions([(args.fixed_ct, args.fixed_spect, "fixed"),
+                                   (args.moving_ct, args.moving_spect, "moving")])
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
                       progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None,
-                      spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift), allow=allow)
+                      spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift), allow=allow,
+                      ct_grid="ct" if args.native_ct else "spect")
     files = write_registration(result, plan, network_field=args.network_field)
     for note in result.notes:
         print(f"note: {note}")
@@ -143,13 +145,14 @@ def _cmd_register_series(args) -> int:
     print(f"{manifest.patient_id}: {len(manifest.hours)} time points {manifest.hours} h, reference "
           f"{manifest.hours[manifest.reference_index]:g} h; torch {torch.get_num_threads()} threads, "
           f"ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads")
-    sessions = [manifest.session(i) for i in range(len(manifest.hours))]
+    sessions = manifest.sessions()
     _, pairs = register_series(sessions, manifest.hours, manifest.reference_index, out, model=args.model,
                                device=args.device, overwrite=args.overwrite,
                                protected=[manifest.path, *manifest.ct_paths, *manifest.spect_paths],
                                spect_offset=False if args.no_spect_offset else None,
                                spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift),
-                               allow=allow, network_field=args.network_field)
+                               allow=allow, network_field=args.network_field,
+                               ct_grid="ct" if args.native_ct else "spect")
     summary = registration_summary(pairs, manifest.hours)
     write_text(qa.path("registration_qa.json"), json.dumps({"series": str(manifest.path), "pairs": summary},
                                                            indent=2))
@@ -233,10 +236,11 @@ def _cmd_evaluate(args) -> int:
 def _cmd_benchmark(args) -> int:
     import torch
 
-    from .benchmark import benchmark_networks, benchmark_registration, benchmark_voxel_tia, format_network_table
+    from .benchmark import (benchmark_commands, benchmark_networks, benchmark_registration, benchmark_voxel_tia,
+                            format_command_table, format_network_table, format_stage_table)
     from .network import PAPER_PARAMETER_COUNTS
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}; {_threads_line()}")
     if not args.skip_networks:
         rows = benchmark_networks(args.configs, repeats=args.repeats, device=args.device)
         print(format_network_table(rows, PAPER_PARAMETER_COUNTS))
@@ -245,18 +249,30 @@ def _cmd_benchmark(args) -> int:
         print(f"\nvoxel TIA {r['shape']}: median {r['median_s']:.2f} s (min {r['min_s']:.2f} s, "
               f"{r['threads']} threads)")
     if not args.skip_register:
-        t = benchmark_registration(repeats=args.repeats, device=args.device)
-        print("\nregister() one clinical pair with the bundled model (median s): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+        bench = benchmark_registration(repeats=args.repeats, device=args.device)
+        print(f"\nregister() and writing its files, one clinical pair (24 h onto 4 h, seed 5000), bundled model, "
+              f"warm process ({_threads_line()}):\n" + format_stage_table(bench))
+    if args.commands:
+        rows = benchmark_commands(repeats=args.repeats, device=args.device,
+                                  log=lambda line: print(line, file=sys.stderr))
+        print("\nwhole commands, each a fresh process (start-up, reading, registering, writing), clinical "
+              "series seed 5000:\n" + format_command_table(rows))
     if args.methods:
         from .baselines.elastix import elastix_available, set_threads
         from .benchmark import benchmark_methods, format_method_table
-        itk = f", ITK {set_threads(None)} threads" if not elastix_available() else ""
         rows = benchmark_methods(args.methods, repeats=args.repeats, device=args.device,
                                  log=lambda line: print(line, file=sys.stderr))
-        print(f"\none clinical pair (24 h onto 4 h, seed 5000), side by side in one process (torch "
-              f"{torch.get_num_threads()} threads{itk}):\n" + format_method_table(rows))
+        elastix = "" if elastix_available() else f", itk-elastix {set_threads(None)} threads"   # "" = available
+        print(f"\none clinical pair (24 h onto 4 h, seed 5000), side by side in one process ({_threads_line()}"
+              f"{elastix}):\n" + format_method_table(rows))
     return 0
+
+
+def _threads_line() -> str:
+    import SimpleITK as sitk
+    import torch
+    return (f"torch {torch.get_num_threads()} threads, SimpleITK "
+            f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads, {os.cpu_count()} cores")
 
 
 def _add_allow(parser) -> None:
@@ -331,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the SPECT/CT translation only, not the cranio-caudal shift of the uptake organs")
     r.add_argument("--network-field", action="store_true",
                    help="also write the CT-driven field on the network grid (field_network.nrrd, 26 MB)")
+    r.add_argument("--native-ct", action="store_true",
+                   help="warp the moving CT onto the fixed CT's own grid (full resolution, ~10 MB more per pair); "
+                        "default: onto the fixed SPECT grid, the grid of the dosimetry")
     r.add_argument("--overwrite", action="store_true", help="replace the earlier result set in --out")
     _add_allow(r)
     r.set_defaults(func=_cmd_register)
@@ -345,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--no-spect-offset", action="store_true", help="as for register")
     rs.add_argument("--no-organ-shift", action="store_true", help="as for register")
     rs.add_argument("--network-field", action="store_true", help="as for register")
+    rs.add_argument("--native-ct", action="store_true", help="as for register")
     rs.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
     _add_allow(rs)
     rs.set_defaults(func=_cmd_register_series)
@@ -436,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     b.add_argument("--skip-networks", action="store_true", help="skip the forward-pass table")
     b.add_argument("--skip-tia", action="store_true", help="skip timing the voxel TIA fit")
-    b.add_argument("--skip-register", action="store_true", help="skip timing register() on a clinical pair")
+    b.add_argument("--skip-register", action="store_true",
+                   help="skip timing register() and writing its files, stage by stage, on a clinical pair")
+    b.add_argument("--commands", action="store_true",
+                   help="also time the whole corx register and corx register-series commands, each a fresh process")
     b.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD", default=[],
                    help="also time these registration methods side by side on one clinical pair, with the whole "
                         "corx register() (e.g. ants-syn elastix-dd elastix-ct-spect corx); one of: "

@@ -42,12 +42,16 @@ def resampled_to_reference(sessions: list, reference_index: int, fields: dict | 
 
 def register_series(sessions: list, times_h, reference_index: int, out_dir, model="bundled", device="auto",
                     overwrite=True, protected=(), spect_offset=None, spect_offset_config=None, allow=(),
-                    network_field=False) -> tuple:
+                    network_field=False, ct_grid="spect") -> tuple:
     """Register every time point to the reference with CoRX, the model loaded once; write each pair's
-    outputs under ``out_dir/t<hours>h/``. Every output set is checked before any work (``protected``:
+    outputs under ``out_dir/t<hours>h/`` (the warped CT on ``ct_grid``: "spect", the fixed SPECT grid, or "ct",
+    its own; :func:`engine.register`). Every output set is checked before any work (``protected``:
     the user's inputs, never written; ``overwrite`` replaces whole earlier sets). Returns (SPECT list on
     the reference SPECT grid, time index -> {"field", "jacobian", "metrics", "seconds", "timings_s",
-    "device", "notes"})."""
+    "device", "notes"}). A pair's files are written in a background thread while the next pair registers
+    (one write at a time; a failed write stops the series with its error, as a failed registration does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .engine import load_model, register, registration_outputs, write_registration
 
     tags = time_labels(times_h)
@@ -57,18 +61,25 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
         plan.prepare(overwrite)
     model = load_model(model)
     aligned, pairs = [], {}
-    for i, h in enumerate(times_h):
-        if i == reference_index:
-            aligned.append(np.asarray(sessions[i].spect, np.float32))
-            continue
-        result = register(sessions[reference_index], sessions[i], model=model, device=device,
-                          progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"),
-                          spect_offset=spect_offset, spect_offset_config=spect_offset_config, allow=allow)
-        write_registration(result, plans[i], network_field=network_field)
-        aligned.append(result.warped_spect)
-        pairs[i] = {"field": result.field_spect, "jacobian": result.jacobian_spect, "metrics": result.metrics,
-                    "seconds": round(result.timings_s["total"], 2), "device": result.device, "notes": result.notes,
-                    "timings_s": {k: round(v, 2) for k, v in result.timings_s.items()}}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        writing = None
+        for i, h in enumerate(times_h):
+            if i == reference_index:
+                aligned.append(np.asarray(sessions[i].spect, np.float32))
+                continue
+            result = register(sessions[reference_index], sessions[i], model=model, device=device,
+                              progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"),
+                              spect_offset=spect_offset, spect_offset_config=spect_offset_config, allow=allow,
+                              ct_grid=ct_grid)
+            if writing is not None:
+                writing.result()                     # the previous pair's files, or its error
+            writing = writer.submit(write_registration, result, plans[i], network_field=network_field)
+            aligned.append(result.warped_spect)
+            pairs[i] = {"field": result.field_spect, "jacobian": result.jacobian_spect, "metrics": result.metrics,
+                        "seconds": round(result.timings_s["total"], 2), "device": result.device,
+                        "notes": result.notes, "timings_s": {k: round(v, 2) for k, v in result.timings_s.items()}}
+        if writing is not None:
+            writing.result()
     return aligned, pairs
 
 

@@ -238,7 +238,9 @@ def _write_sitk(image: sitk.Image, path: Path, compress: bool = True) -> Path:
             raise OSError(f"{path}: the written file does not read back as written")
 
     with atomic_path(path, verify) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress, compressionLevel=1)
+        # zlib level 3: a third smaller than level 1 for a displacement field, about 0.07 s more for one on a
+        # 128 x 128 x 96 SPECT grid (the NIfTI writer keeps its own level)
+        sitk.WriteImage(image, str(tmp), useCompression=compress, compressionLevel=3)
     return path
 
 

@@ -91,9 +91,9 @@ class SpectCt:
 def network_grid(fixed: SpectCt, cfg: PreprocessConfig) -> Geometry:
     """The network grid for a fixed session: fixed-SPECT directions, centred on the body."""
     body = np.asarray(fixed.ct) > cfg.body_threshold_hu
-    if body.any():
-        k, j, i = np.nonzero(body)
-        lo, hi = np.array([i.min(), j.min(), k.min()]), np.array([i.max(), j.max(), k.max()])
+    along = [np.flatnonzero(body.any(axis=other)) for other in ((0, 1), (0, 2), (1, 2))]     # i, j, k
+    if along[0].size:
+        lo, hi = np.array([a[0] for a in along]), np.array([a[-1] for a in along])
         centre = fixed.ct_geometry.index_to_lps((lo + hi) / 2.0)
     else:
         centre = fixed.ct_geometry.centre_lps()

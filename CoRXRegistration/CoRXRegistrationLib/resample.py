@@ -1,11 +1,14 @@
 """Resampling volumes between grids, optionally through a displacement field.
 
-All warping in CoRX goes through :func:`resample`: for every voxel centre p of the
-target grid (LPS mm), the source image is sampled at ``p + u(p)`` where ``u`` is an
-optional displacement field on the target grid (resampling convention, LPS mm).
-Grid-to-grid resampling (no field, fill outside) uses SimpleITK and needs no torch, so the TIA
-path and the Slicer modules load and run without it; sampling through a field uses torch's
-``grid_sample`` (multi-threaded, CPU or GPU), imported on first use.
+All warping in CoRX goes through :func:`resample` and :func:`warp_with_field`: for every voxel
+centre p of the target grid (LPS mm), the source image is sampled at ``p + u(p)`` where ``u`` is an
+optional displacement field (resampling convention, LPS mm), on the target grid or on a grid of its
+own (linear interpolation, edge vectors continuing outside it).
+Grid-to-grid resampling and sampling through a dense field use SimpleITK (multi-threaded, no torch),
+so the TIA path and the Slicer modules load and run without torch and no full-resolution field is
+ever built where the field lives on a coarser grid; a displacement given as a callable, and edge
+padding of the source, use torch's ``grid_sample``, imported on first use. The network's own
+warping, which needs gradients, is :mod:`network.transform`.
 """
 from __future__ import annotations
 
@@ -72,15 +75,17 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     this saves most of the time on large grids.
     Returns a numpy array on ``target`` (float32 for float input, else the input dtype).
     Outside ``source``: ``fill`` (padding="zeros") or the nearest edge value (padding="border").
-    Work is chunked along z so a large CT grid never needs the whole coordinate grid at once;
-    ``cancel() -> bool`` is asked before every chunk (:class:`.progress.Cancelled`).
-    Without a displacement and with padding="zeros" this is SimpleITK's resampler (no torch), on
-    ``source`` padded by one voxel of ``fill`` so that it gives the same values as the torch path
-    everywhere, the band just outside the edge voxels included (blending towards ``fill``).
+    With padding="zeros" and no displacement or an array, this is :func:`warp_with_field` (SimpleITK,
+    no torch): ``source`` padded by one voxel of ``fill`` so that it gives the same values as the torch
+    path everywhere, the band just outside the edge voxels included (blending towards ``fill``).
+    Otherwise (a callable, or padding="border") torch samples in chunks along z, so a large CT grid
+    never needs the whole coordinate grid at once; ``cancel() -> bool`` is asked before the work and
+    every chunk (:class:`.progress.Cancelled`).
     """
     volume = np.asarray(volume)
-    if displacement is None and padding == "zeros":
-        return _resample_grid(volume, source, target, mode, fill)
+    check_cancel(cancel, "while resampling")
+    if padding == "zeros" and (displacement is None or isinstance(displacement, np.ndarray)):
+        return warp_with_field(volume, source, target, displacement, target, mode=mode, fill=fill)
     import torch
     if callable(displacement) and displacement_spacing_mm:
         displacement = displacement_on_grid(displacement, target, displacement_spacing_mm)
@@ -107,33 +112,82 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, displacemen
     return out
 
 
-def _resample_grid(volume: np.ndarray, source: Geometry, target: Geometry, mode: str, fill: float) -> np.ndarray:
-    """Grid to grid with SimpleITK (identity transform); dtype as :func:`resample`. The source is padded
-    by one voxel of ``fill``: within one voxel outside it the value then blends towards ``fill`` as
-    grid_sample's zero padding does (ITK alone would keep the edge value over half a voxel), which is
-    what the network was trained with."""
-    import SimpleITK as sitk
-
+def _sitk_source(volume: np.ndarray, source: Geometry, mode: str, fill: float):
+    """(SimpleITK image of ``volume`` padded by one voxel of ``fill``, output kind): within one voxel
+    outside the source the value then blends towards ``fill`` as grid_sample's zero padding does (ITK
+    alone would keep the edge value over half a voxel), which is what the network was trained with."""
     from .imageio import to_sitk
     if volume.shape != source.shape:
         raise ValueError(f"volume shape {volume.shape} does not match its geometry {source.shape}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
-    floating = np.issubdtype(volume.dtype, np.floating)
-    as_bool = volume.dtype == np.bool_
-    data = volume.astype(np.float32) if floating else volume.astype(np.uint8) if as_bool else volume
+    kind = "float" if np.issubdtype(volume.dtype, np.floating) else "bool" if volume.dtype == np.bool_ else "int"
+    data = volume.astype(np.float32) if kind == "float" else volume.astype(np.uint8) if kind == "bool" else volume
     padded = np.pad(data, 1, constant_values=np.asarray(fill).astype(data.dtype))
     padded_grid = Geometry(tuple(n + 2 for n in source.shape), source.spacing,
                            tuple(source.index_to_lps([-1.0, -1.0, -1.0])), source.direction)
-    image = to_sitk(padded, padded_grid)
-    out = sitk.Resample(image, list(target.size_xyz), sitk.Transform(),
-                        sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor,
-                        list(target.origin), list(target.spacing), list(target.direction), float(fill),
-                        image.GetPixelID())
+    return to_sitk(padded, padded_grid), kind
+
+
+def _covering(field_zyx3: np.ndarray, geometry: Geometry, target: Geometry) -> tuple:
+    """(field, its geometry) grown by edge vectors until it covers every voxel centre of ``target``
+    with a margin of one voxel, so that interpolating it there is the edge-continued field."""
+    if geometry.same_grid(target):
+        return field_zyx3, geometry
+    corners = np.array([[i, j, k] for i in (0, target.size_xyz[0] - 1) for j in (0, target.size_xyz[1] - 1)
+                        for k in (0, target.size_xyz[2] - 1)], float)
+    ijk = geometry.lps_to_index(target.index_to_lps(corners))
+    last = np.asarray(geometry.size_xyz, float) - 1.0
+    below = np.maximum(0, np.ceil(-ijk.min(axis=0)) + 1).astype(int)            # (i, j, k)
+    above = np.maximum(0, np.ceil(ijk.max(axis=0) - last) + 1).astype(int)
+    if not below.any() and not above.any():
+        return field_zyx3, geometry
+    pad = [(int(below[a]), int(above[a])) for a in (2, 1, 0)] + [(0, 0)]
+    grown = Geometry(tuple(n + lo + hi for n, (lo, hi) in zip(geometry.shape, pad[:3])), geometry.spacing,
+                     tuple(geometry.index_to_lps(-below.astype(float))), geometry.direction)
+    return np.pad(field_zyx3, pad, mode="edge"), grown
+
+
+def _sitk_field_transform(field_zyx3: np.ndarray, geometry: Geometry, target: Geometry):
+    """A SimpleITK DisplacementFieldTransform (p -> p + u(p), u linear between the nodes, edge vectors
+    outside ``geometry``) valid at every voxel centre of ``target``."""
+    import SimpleITK as sitk
+
+    from .imageio import to_sitk
+    field = np.asarray(field_zyx3)
+    if field.shape != geometry.shape + (3,):
+        raise ValueError(f"displacement shape {field.shape} does not match its grid {geometry.shape + (3,)}")
+    field, grid = _covering(field, geometry, target)
+    return sitk.DisplacementFieldTransform(to_sitk(field.astype(np.float64), grid, is_vector=True))
+
+
+def _target_grid_args(target: Geometry) -> tuple:
+    return list(target.size_xyz), list(target.origin), list(target.spacing), list(target.direction)
+
+
+def warp_with_field(volume: np.ndarray, source: Geometry, target: Geometry, displacement=None,
+                    field_geometry: Geometry | None = None, mode: str = "linear", fill: float = 0.0) -> np.ndarray:
+    """``volume`` on ``source`` sampled at p + u(p) for every voxel centre p of ``target`` (SimpleITK).
+
+    ``displacement``: None (grid to grid) or a (z, y, x, 3) LPS-mm field on ``field_geometry`` (default:
+    ``target``), interpolated linearly, edge vectors continuing outside it. Outside ``source`` the value
+    is ``fill`` (blending towards it within one voxel of the edge). Returns float32 for float input,
+    else the input dtype (integers rounded)."""
+    import SimpleITK as sitk
+    volume = np.asarray(volume)
+    image, kind = _sitk_source(volume, source, mode, fill)
+    transform = sitk.Transform() if displacement is None else \
+        _sitk_field_transform(displacement, field_geometry or target, target)
+    size, origin, spacing, direction = _target_grid_args(target)
+    out = sitk.Resample(image, size, transform, sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor,
+                        origin, spacing, direction, float(fill), sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(out)
-    if as_bool:
-        return array.astype(np.bool_)
-    return array.astype(np.float32, copy=False) if floating else array
+    if kind == "bool":
+        return array > 0.5
+    if kind == "int":
+        info = np.iinfo(volume.dtype)
+        return np.clip(np.rint(array), info.min, info.max).astype(volume.dtype)
+    return array
 
 
 def displacement_on_grid(displacement_fn, target: Geometry, max_spacing_mm: float) -> np.ndarray:
@@ -166,9 +220,19 @@ def sample_vectors(field_zyx3: np.ndarray, geometry: Geometry, points_lps) -> np
 
 def resample_field(field_zyx3: np.ndarray, source: Geometry, target: Geometry, cancel=None) -> np.ndarray:
     """A (z, y, x, 3) displacement field on ``source`` evaluated on ``target`` (trilinear; edge
-    vectors continue outside ``source``). The vectors themselves are physical (LPS mm): unchanged."""
+    vectors continue outside ``source``; SimpleITK). The vectors themselves are physical (LPS mm):
+    unchanged. ``cancel() -> bool`` is asked before the work (:class:`.progress.Cancelled`)."""
+    import SimpleITK as sitk
+
+    from .imageio import to_sitk
     field = np.asarray(field_zyx3, np.float32)
     if field.shape != source.shape + (3,):
         raise ValueError(f"field shape {field.shape} does not match its geometry {source.shape + (3,)}")
-    return np.stack([resample(field[..., c], source, target, padding="border", cancel=cancel) for c in range(3)],
-                    axis=-1)
+    check_cancel(cancel, "while resampling")
+    if source.same_grid(target):
+        return field.copy()
+    field, grid = _covering(field, source, target)
+    size, origin, spacing, direction = _target_grid_args(target)
+    out = sitk.Resample(to_sitk(field, grid, is_vector=True), size, sitk.Transform(), sitk.sitkLinear,
+                        origin, spacing, direction, 0.0, sitk.sitkVectorFloat32)
+    return sitk.GetArrayFromImage(out)

@@ -11,6 +11,7 @@ Simulated series also carry ``truth`` entries (fields, labels) used for evaluati
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ class SeriesManifest:
         """Time point ``i`` read from disk (CT as float32 HU, SPECT as float32 Bq/mL)."""
         return read_session(self.ct_paths[i], self.spect_paths[i], f"{self.patient_id} {self.hours[i]:g} h")
 
+    def sessions(self) -> list:
+        """Every time point, as :meth:`session`, the files read in parallel."""
+        return read_sessions([(self.ct_paths[i], self.spect_paths[i], f"{self.patient_id} {h:g} h")
+                              for i, h in enumerate(self.hours)])
+
     def truth_path(self, i: int, key: str) -> Path | None:
         rel = self.raw["time_points"][i].get("truth", {}).get(key)
         return self.folder / rel if rel else None
@@ -56,6 +62,17 @@ def read_session(ct_path, spect_path, label: str) -> SpectCt:
     ct, ct_g = read_image(ct_path)
     spect, spect_g = read_image(spect_path)
     return SpectCt(ct, ct_g, spect, spect_g, label=label)
+
+
+def read_sessions(specs) -> list:
+    """[:func:`read_session` (ct_path, spect_path, label) for each of ``specs``], the files read and
+    decompressed in parallel threads (SimpleITK releases the interpreter while it reads); the first
+    error is raised, as reading them one by one would."""
+    from concurrent.futures import ThreadPoolExecutor
+    paths = [p for ct, spect, _ in specs for p in (ct, spect)]
+    with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        images = list(pool.map(read_image, paths))
+    return [SpectCt(*images[2 * n], *images[2 * n + 1], label=label) for n, (_, _, label) in enumerate(specs)]
 
 
 def find_manifest(path) -> Path:

@@ -57,10 +57,23 @@ def local_cc_squared(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: flo
 
     ``eps`` stabilises flat windows exactly as VoxelMorph's NCC does on window *sums*; on the means
     used here that is eps / window^6, so low-contrast tissue (min-max SPECT ~1e-2) still counts."""
-    a, b = _as5d(a), _as5d(b)
-    mu_a, mu_b = _box_mean(a, window), _box_mean(b, window)
+    return local_cc_squared_against(local_statistics(a, window), b, eps)
+
+
+def local_statistics(a: torch.Tensor, window: int = 9) -> tuple:
+    """(a, its window^3 box mean, its local variance, window): what :func:`local_cc_squared_against` needs
+    of a fixed image, computed once when many images are compared with it."""
+    a = _as5d(a)
+    mu_a = _box_mean(a, window)
+    return a, mu_a, torch.clamp(_box_mean(a * a, window) - mu_a * mu_a, min=0.0), window
+
+
+def local_cc_squared_against(fixed_statistics: tuple, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """:func:`local_cc_squared` of the fixed image of ``fixed_statistics`` (:func:`local_statistics`) and ``b``."""
+    a, mu_a, var_a, window = fixed_statistics
+    b = _as5d(b)
+    mu_b = _box_mean(b, window)
     cross = _box_mean(a * b, window) - mu_a * mu_b
-    var_a = torch.clamp(_box_mean(a * a, window) - mu_a * mu_a, min=0.0)
     var_b = torch.clamp(_box_mean(b * b, window) - mu_b * mu_b, min=0.0)
     return cross * cross / (var_a * var_b + eps / float(window) ** 6)
 
@@ -76,7 +89,35 @@ def _gaussian_kernel(size: int, sigma: float, dtype, device) -> torch.Tensor:
     return k / k.sum()
 
 
+def _separable_blur_scipy(x: torch.Tensor, kernel: torch.Tensor):
+    """The CPU path of :func:`_separable_blur` without gradients: scipy's 1D correlation per axis (edges
+    replicated, as F.pad "replicate"), the volumes of the batch in parallel threads; about 4x faster than
+    conv3d with a 1D kernel on 2 cores. None where scipy is missing."""
+    try:
+        from scipy import ndimage
+    except ImportError:
+        return None
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    weights = kernel.detach().double().cpu().numpy()
+    volumes = x.detach().reshape((-1,) + tuple(x.shape[2:])).numpy()
+
+    def blur(volume):
+        for axis in range(3):
+            volume = ndimage.correlate1d(volume, weights, axis=axis, mode="nearest")
+        return volume
+    with ThreadPoolExecutor(max(1, min(len(volumes), torch.get_num_threads()))) as pool:
+        out = list(pool.map(blur, volumes))
+    return torch.from_numpy(np.stack(out)).reshape(x.shape)
+
+
 def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Correlate (B, C, Z, Y, X) with a 1D ``kernel`` along each axis, edges replicated."""
+    if x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)):
+        out = _separable_blur_scipy(x, kernel)
+        if out is not None:
+            return out.to(x.dtype)
     n = kernel.numel()
     for axis in range(3):
         shape = [1, 1, 1, 1, 1]
@@ -97,15 +138,28 @@ def gaussian_blur(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int = 11,
          sigma: float = 1.5) -> torch.Tensor:
     """Mean 3D SSIM per sample, shape (B,)."""
-    a, b = _as5d(a), _as5d(b)
+    return ssim_against(a, [b], data_range, window, sigma)[0]
+
+
+def ssim_against(a: torch.Tensor, others: list, data_range: float = 1.0, window: int = 11,
+                 sigma: float = 1.5) -> list:
+    """[:func:`ssim` (a, b) for b in ``others``], the blurs of ``a`` computed once and every blur of one
+    call batched (B = 1 images)."""
+    a = _as5d(a)
+    others = [_as5d(b) for b in others]
     k = _gaussian_kernel(window, sigma, a.dtype, a.device)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = _separable_blur(a, k), _separable_blur(b, k)
-    saa = _separable_blur(a * a, k) - mu_a ** 2
-    sbb = _separable_blur(b * b, k) - mu_b ** 2
-    sab = _separable_blur(a * b, k) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
-    return s.flatten(1).mean(dim=1)
+    n = a.shape[0]
+    stack = torch.cat([a, a * a] + [t for b in others for t in (b, b * b, a * b)])
+    blurred = _separable_blur(stack, k).split(n)
+    mu_a, saa = blurred[0], blurred[1] - blurred[0] ** 2
+    out = []
+    for i in range(len(others)):
+        mu_b, bb, ab = blurred[2 + 3 * i: 5 + 3 * i]
+        sbb, sab = bb - mu_b ** 2, ab - mu_a * mu_b
+        s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+        out.append(s.flatten(1).mean(dim=1))
+    return out
 
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,11 +207,23 @@ def deformation_rgb(displacement_lps_mm, max_mm: float | None = None):
 
 def registration_metrics(fixed_ct, warped_ct, fixed_spect, warped_spect, displacement) -> dict:
     """The paper's Table 2 metrics for one batch (means over the batch)."""
-    fs, ws = minmax_normalise(fixed_spect), minmax_normalise(warped_spect)
-    return {
-        "ct_l1": float(l1(fixed_ct, warped_ct).mean()),
-        "ct_ssim": float(ssim(fixed_ct, warped_ct).mean()),
-        "spect_ssim": float(ssim(fs, ws).mean()),
-        "spect_lncc": float(lncc(fs, ws).mean()),
-        "jacobian_nonpositive_percent": float(nonpositive_jacobian_percent(displacement).mean()),
-    }
+    return registration_metrics_of(fixed_ct, fixed_spect, [(warped_ct, warped_spect, displacement)])[0]
+
+
+def registration_metrics_of(fixed_ct, fixed_spect, candidates: list) -> list:
+    """:func:`registration_metrics` of the fixed images against each (warped CT, warped SPECT,
+    displacement) in ``candidates`` (e.g. before and after registration), the fixed images' filtering
+    done once."""
+    fs = minmax_normalise(fixed_spect)
+    warped_spect = [minmax_normalise(ws) for _, ws, _ in candidates]
+    ct_ssim = ssim_against(fixed_ct, [wc for wc, _, _ in candidates])
+    spect_ssim = ssim_against(fs, warped_spect)
+    fixed_local = local_statistics(fs)
+    return [{
+        "ct_l1": float(l1(fixed_ct, wc).mean()),
+        "ct_ssim": float(ct_ssim[i].mean()),
+        "spect_ssim": float(spect_ssim[i].mean()),
+        "spect_lncc": float(local_cc_squared_against(fixed_local, ws).flatten(1).mean(dim=1).mean()),
+        # a zero field has det = 1 everywhere: nothing to compute
+        "jacobian_nonpositive_percent": float(nonpositive_jacobian_percent(disp).mean()) if bool(disp.any()) else 0.0,
+    } for i, ((wc, _, disp), ws) in enumerate(zip(candidates, warped_spect))]

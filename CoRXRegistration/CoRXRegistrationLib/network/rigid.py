@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..preprocess import PREALIGN_METHODS
 from ..progress import check_cancel
-from .transform import _identity_grid, warp
+from .transform import _identity_grid, sample_on, voxels_to_sampling, warp
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,10 @@ def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
     return about_z @ about_y @ about_x
 
 
-def rigid_displacement(params: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """(1, 3, Z, Y, X) displacement of p -> R (p - c) + c + t; params = (3 angles, 3 translations)."""
-    grid = _identity_grid(tuple(shape), params.device, params.dtype)
+def rigid_displacement(params: torch.Tensor, shape: tuple, identity: torch.Tensor | None = None) -> torch.Tensor:
+    """(1, 3, Z, Y, X) displacement of p -> R (p - c) + c + t; params = (3 angles, 3 translations);
+    ``identity``: the voxel coordinates of ``shape`` (:func:`transform._identity_grid`) when already made."""
+    grid = _identity_grid(tuple(shape), params.device, params.dtype) if identity is None else identity
     centre = torch.tensor([(n - 1) / 2.0 for n in shape], device=params.device, dtype=params.dtype).view(3, 1)
     p = grid.reshape(3, -1)
     moved = rotation_matrix(params[:3]) @ (p - centre) + centre + params[3:].view(3, 1)
@@ -89,10 +90,12 @@ def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: 
             f, m, w = (F.avg_pool3d(x, factor) if factor > 1 else x for x in (fixed_ct, moving_ct, weight))
             level_scale = scale * torch.tensor([1.0] * 3 + [1.0 / factor] * 3, device=fixed_ct.device)
             opt = torch.optim.Adam([params], lr=cfg.lr_rotation)
+            shape = tuple(f.shape[2:])
+            identity = _identity_grid(shape, fixed_ct.device, params.dtype)      # made once per level
             for _ in range(iterations):
                 check_cancel(cancel, "during the rigid pre-alignment")
-                u = rigid_displacement(params * level_scale, tuple(f.shape[2:]))
-                cost = (w * (warp(m, u) - f) ** 2).sum() / w.sum()
+                u = rigid_displacement(params * level_scale, shape, identity)
+                cost = (w * (sample_on(m, voxels_to_sampling(identity[None] + u, shape)) - f) ** 2).sum() / w.sum()
                 opt.zero_grad()
                 cost.backward()
                 opt.step()

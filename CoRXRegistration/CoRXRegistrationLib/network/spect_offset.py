@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..progress import check_cancel
-from .metrics import gaussian_blur, local_cc_squared
-from .transform import warp
+from .metrics import gaussian_blur, local_cc_squared_against, local_statistics
+from .transform import _identity_grid, sample_on, voxels_to_sampling
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
         return SpectOffsetFit(zero, False, f"no fixed SPECT voxel above {config.uptake_level} of its maximum "
                                            f"(normalised) to fit on")
     origin, region = box
-    fixed = fixed_spect[region].detach()
+    fixed = local_statistics(fixed_spect[region].detach(), config.window)      # constant: filtered once
     field = displacement[region].detach()
     moving = moving_spect.detach()
     weight = uptake_weight(fixed_spect, config, spacing_mm) if config.organ_shift else None
@@ -109,9 +109,15 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
     voxels_per_mm = float(torch.linalg.vector_norm(per_mm))
     along = per_mm / voxels_per_mm          # unit vector: s is fitted in voxels, as t is
 
+    # the voxel positions of the fit region in the moving grid, made once (warp() would make them at every call)
+    offset = torch.tensor(origin, device=field.device, dtype=field.dtype).view(1, 3, 1, 1, 1)
+    positions = _identity_grid(tuple(field.shape[2:]), field.device, field.dtype)[None] + offset
+    weight_region = None if weight is None else weight[region]
+
     def lncc_at(t, s):
-        moved = field + t if weight is None else field + t + weight[region] * (s * along)
-        return local_cc_squared(fixed, warp(moving, moved, origin=origin), config.window).mean()
+        moved = field + t if weight is None else field + t + weight_region * (s * along)
+        points = voxels_to_sampling(positions + moved, tuple(moving.shape[2:]))
+        return local_cc_squared_against(fixed, sample_on(moving, points)).mean()
 
     t = torch.zeros(1, 3, 1, 1, 1, dtype=field.dtype, device=field.device, requires_grad=True)
     s = torch.zeros((), dtype=field.dtype, device=field.device, requires_grad=True)

@@ -26,23 +26,38 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "linear",
     ``origin`` (voxel index (z, y, x) in ``image``): ``displacement`` covers only the block of the
     image grid starting there, and the result is that block; by default it covers the whole grid.
     """
+    return sample_on(image, sampling_grid(image.shape, displacement, origin), mode, padding)
+
+
+def sampling_grid(image_shape, displacement: torch.Tensor, origin: tuple | None = None) -> torch.Tensor:
+    """grid_sample coordinates (B, Z, Y, X, [x, y, z]) in [-1, 1] (align_corners) of the points p + u(p) in an
+    image of ``image_shape`` (B, C, Z, Y, X); ``origin`` as for :func:`warp`."""
     if displacement.dim() != 5 or displacement.shape[1] != 3:
         raise ValueError(f"displacement must be (B, 3, Z, Y, X), got {tuple(displacement.shape)}")
-    shape = tuple(displacement.shape[2:])
+    shape, grid_shape = tuple(displacement.shape[2:]), tuple(image_shape[2:])
     if origin is None:
-        if tuple(image.shape[2:]) != shape:
-            raise ValueError(f"image grid {tuple(image.shape[2:])} differs from displacement grid {shape}")
+        if grid_shape != shape:
+            raise ValueError(f"image grid {grid_shape} differs from displacement grid {shape}")
         coords = _identity_grid(shape, displacement.device, displacement.dtype)[None] + displacement
     else:
-        if any(o < 0 or o + n > m for o, n, m in zip(origin, shape, image.shape[2:])):
-            raise ValueError(f"block {shape} at {tuple(origin)} does not lie inside the image grid "
-                             f"{tuple(image.shape[2:])}")
+        if any(o < 0 or o + n > m for o, n, m in zip(origin, shape, grid_shape)):
+            raise ValueError(f"block {shape} at {tuple(origin)} does not lie inside the image grid {grid_shape}")
         offset = torch.tensor(origin, device=displacement.device, dtype=displacement.dtype).view(1, 3, 1, 1, 1)
         coords = _identity_grid(shape, displacement.device, displacement.dtype)[None] + offset + displacement
-    scale = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], device=coords.device, dtype=coords.dtype)
-    normalised = 2.0 * coords / scale.view(1, 3, 1, 1, 1) - 1.0
-    grid = normalised.permute(0, 2, 3, 4, 1).flip(-1)          # (B, Z, Y, X, [x, y, z])
-    src = image if image.is_floating_point() else image.to(displacement.dtype)
+    return voxels_to_sampling(coords, grid_shape)
+
+
+def voxels_to_sampling(voxels: torch.Tensor, grid_shape, positions: bool = True) -> torch.Tensor:
+    """(B, 3, ...) voxel ``positions`` (else displacements), channels (z, y, x), in a grid of ``grid_shape``
+    (Z, Y, X) -> grid_sample units (B, ..., [x, y, z]); positions map to [-1, 1] (align_corners)."""
+    size = torch.tensor([max(n - 1, 1) for n in grid_shape], device=voxels.device, dtype=voxels.dtype)
+    scaled = 2.0 * voxels / size.view((1, 3) + (1,) * (voxels.dim() - 2))
+    return (scaled - 1.0 if positions else scaled).movedim(1, -1).flip(-1)
+
+
+def sample_on(image: torch.Tensor, grid: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
+    """``image`` (B, C, Z, Y, X) sampled at grid_sample coordinates ``grid`` (:func:`sampling_grid`)."""
+    src = image if image.is_floating_point() else image.to(grid.dtype)
     out = F.grid_sample(src, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
     return out if image.is_floating_point() else out.round().to(image.dtype)
 
