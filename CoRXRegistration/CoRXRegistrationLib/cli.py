@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-organ-shift", action="store_true",
                    help="fit the SPECT/CT translation only, not the cranio-caudal shift of the uptake organs")
     r.add_argument("--network-field", action="store_true",
-                   help="also write the CT-driven field on the network grid (field_network.nrrd, 26 MB)")
+                   help="also write the CT-driven field on the network grid (field_network.nrrd, about 23 MB)")
     r.add_argument("--native-ct", action="store_true",
                    help="warp the moving CT onto the fixed CT's own grid (full resolution, ~10 MB more per pair); "
                         "default: onto the fixed SPECT grid, the grid of the dosimetry")
