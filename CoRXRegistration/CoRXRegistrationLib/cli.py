@@ -128,9 +128,6 @@ def _cmd_register(args) -> int:
 
 
 def _cmd_register_series(args) -> int:
-    import SimpleITK as sitk
-    import torch
-
     from .demo import check_outside_inputs, register_series, registration_summary
     from .network.spect_offset import SpectOffsetConfig
     from .outputs import OutputSet, write_text
@@ -143,8 +140,7 @@ def _cmd_register_series(args) -> int:
     check_outside_inputs(out, manifest)
     qa = OutputSet(out, ["registration_qa.json"]).prepare(args.overwrite)
     print(f"{manifest.patient_id}: {len(manifest.hours)} time points {manifest.hours} h, reference "
-          f"{manifest.hours[manifest.reference_index]:g} h; torch {torch.get_num_threads()} threads, "
-          f"ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads")
+          f"{manifest.hours[manifest.reference_index]:g} h; {_threads_line()}")
     sessions = manifest.sessions()
     _, pairs = register_series(sessions, manifest.hours, manifest.reference_index, out, model=args.model,
                                device=args.device, overwrite=args.overwrite,
