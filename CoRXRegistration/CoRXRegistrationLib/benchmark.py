@@ -14,9 +14,13 @@ import numpy as np
 import torch
 
 
+def _maxrss_mb(ru_maxrss: int) -> float:
+    """getrusage's ru_maxrss in MB (kB on Linux, bytes on macOS)."""
+    return ru_maxrss / 1024.0 if sys.platform != "darwin" else ru_maxrss / 1024.0 ** 2
+
+
 def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 ** 2
+    return _maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 class PeakMemory:
@@ -191,7 +195,7 @@ def _timed_command(argv: list) -> tuple:
             err.seek(0)
             last = err.read().decode(errors="replace").strip().splitlines()[-1:]
             raise RuntimeError(f"{' '.join(argv[3:4])} failed (exit {proc.returncode}): {' '.join(last)}")
-    return seconds, usage.ru_maxrss / 1024.0 if sys.platform != "darwin" else usage.ru_maxrss / 1024.0 ** 2
+    return seconds, _maxrss_mb(usage.ru_maxrss)
 
 
 def benchmark_commands(repeats: int = 3, device: str = "cpu", seed: int = 5000, log=print) -> list:

@@ -265,10 +265,8 @@ def _cmd_benchmark(args) -> int:
 
 
 def _threads_line() -> str:
-    import SimpleITK as sitk
-    import torch
-    return (f"torch {torch.get_num_threads()} threads, SimpleITK "
-            f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} threads, {os.cpu_count()} cores")
+    from .engine import threads_in_use
+    return f"{threads_in_use()}, {os.cpu_count()} cores"
 
 
 def _add_allow(parser) -> None:

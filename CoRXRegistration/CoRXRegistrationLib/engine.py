@@ -103,7 +103,7 @@ def load_model(spec=None, device="cpu") -> RegistrationModel:
                              payload.get("meta", {}))
 
 
-def _threads() -> str:
+def threads_in_use() -> str:
     """The threads torch and SimpleITK (resampling, warping) use: every core they see by default."""
     import SimpleITK as sitk
     return (f"torch {torch.get_num_threads()} threads, SimpleITK "
@@ -121,7 +121,7 @@ def select_device(requested: str = "auto") -> tuple:
             return torch.device("cuda"), f"using GPU {torch.cuda.get_device_name(0)}"
         if has_mps:
             return torch.device("mps"), "using Apple GPU (MPS)"
-        return torch.device("cpu"), f"no GPU found; using CPU ({_threads()})"
+        return torch.device("cpu"), f"no GPU found; using CPU ({threads_in_use()})"
     if requested in ("gpu", "cuda") or requested.startswith("cuda:"):
         if not has_cuda:
             raise DeviceError(f"device '{requested}' requested but no CUDA GPU is available "
@@ -133,7 +133,7 @@ def select_device(requested: str = "auto") -> tuple:
             raise DeviceError("device 'mps' requested but Apple MPS is not available; use 'auto' or 'cpu'")
         return torch.device("mps"), "using Apple GPU (MPS)"
     if requested == "cpu":
-        return torch.device("cpu"), f"using CPU ({_threads()})"
+        return torch.device("cpu"), f"using CPU ({threads_in_use()})"
     raise DeviceError(f"unknown device '{requested}'; choose auto, cpu, cuda (gpu) or mps")
 
 

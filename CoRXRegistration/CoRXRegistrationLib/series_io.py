@@ -59,9 +59,7 @@ class SeriesManifest:
 
 def read_session(ct_path, spect_path, label: str) -> SpectCt:
     """One session from a CT file (HU) and a SPECT file (Bq/mL), each with its own geometry."""
-    ct, ct_g = read_image(ct_path)
-    spect, spect_g = read_image(spect_path)
-    return SpectCt(ct, ct_g, spect, spect_g, label=label)
+    return read_sessions([(ct_path, spect_path, label)])[0]
 
 
 def read_sessions(specs) -> list:
