@@ -180,22 +180,29 @@ def format_stage_table(bench: dict) -> str:
     return "\n".join(lines)
 
 
+# Runs the command as its own child and prints that child's peak resident memory (kB) and exit code. The
+# extra process matters: Linux keeps the peak of the memory image a process had before exec, so a command
+# forked straight from a large benchmark process would report at least that process's size.
+_MEASURE = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))\n")
+
+
 def _timed_command(argv: list) -> tuple:
     """(wall seconds, peak resident memory MB of that process) of one command run to completion."""
-    import os
     import subprocess
     import tempfile
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)          # this child's own resource usage
+        done = subprocess.run([sys.executable, "-c", _MEASURE, *argv], stdout=subprocess.PIPE, stderr=err)
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
+        maxrss, code = (int(v) for v in done.stdout.split()[-2:])
+        if code or done.returncode:
             err.seek(0)
             last = err.read().decode(errors="replace").strip().splitlines()[-1:]
-            raise RuntimeError(f"{' '.join(argv[3:4])} failed (exit {proc.returncode}): {' '.join(last)}")
-    return seconds, _maxrss_mb(usage.ru_maxrss)
+            raise RuntimeError(f"{' '.join(argv[3:4])} failed (exit {code or done.returncode}): {' '.join(last)}")
+    return seconds, _maxrss_mb(maxrss)
 
 
 def benchmark_commands(repeats: int = 3, device: str = "cpu", seed: int = 5000, log=print) -> list:
