@@ -167,8 +167,8 @@ def benchmark_registration(repeats: int = 3, model="bundled", device: str = "cpu
         if r:
             runs.append(timings)
             peaks.append(memory.peak_mb)
-    out = {k: statistics.median(t[k] for t in runs) for k in runs[0]}
-    return {"stages_s": out, "peak_mb": max(peaks), "files_mb": files_mb, "repeats": repeats}
+    stages = {k: statistics.median(t[k] for t in runs) for k in runs[0]}
+    return {"stages_s": stages, "peak_mb": max(peaks), "files_mb": files_mb, "repeats": repeats}
 
 
 def format_stage_table(bench: dict) -> str:
@@ -213,16 +213,16 @@ def benchmark_commands(repeats: int = 3, device: str = "cpu", seed: int = 5000, 
     import tempfile
     from pathlib import Path
 
+    from .series_io import read_series
     from .simulation import SimulationConfig, simulate_series, write_series
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         series = write_series(simulate_series(SimulationConfig.preset("clinical", seed=seed)), work / "series")
-        folder = series.parent
+        manifest = read_series(series)                    # time points 0 and 1: 4 h and 24 h
         cli = [sys.executable, "-m", "CoRXRegistrationLib.cli"]
-        names = {h: f"{int(h):03d}h" for h in (4, 24)}
-        pair = ["--fixed-ct", folder / f"ct_{names[4]}.nii.gz", "--fixed-spect", folder / f"spect_{names[4]}.nii.gz",
-                "--moving-ct", folder / f"ct_{names[24]}.nii.gz", "--moving-spect", folder / f"spect_{names[24]}.nii.gz"]
+        pair = ["--fixed-ct", manifest.ct_paths[0], "--fixed-spect", manifest.spect_paths[0],
+                "--moving-ct", manifest.ct_paths[1], "--moving-spect", manifest.spect_paths[1]]
         commands = {"corx register (one pair)": (cli + ["register", *map(str, pair), "--device", device], 1),
                     "corx register-series (4 time points)": (cli + ["register-series", str(series), "--device",
                                                                     device], 3)}
