@@ -545,14 +545,15 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         return {"pairs": pairs, "qaTable": addTableNode(rows, "CoRX registration QA"),
                 "registeredSPECT": registered, "cancelled": cancelled, "message": message}
 
-    def seriesFromScene(self, injection="", fileForInstance=None):
+    def seriesFromScene(self, injection="", fileForInstance=None, calibration=None):
         """[(hours, CT node, SPECT node)] for the scene's scalar volumes, and where the hours came from:
-        the DICOM headers when any volume was loaded from DICOM (:meth:`seriesFromDicom`), else hours in
-        the volume names ('CT 24h', 'SPECT 24h'). Raises ValueError when no pair is found."""
+        the DICOM headers when any volume was loaded from DICOM (:meth:`seriesFromDicom`, SPECTs in Bq/mL),
+        else hours in the volume names ('CT 24h', 'SPECT 24h'). Raises ValueError when no pair is found."""
         from CoRXRegistrationLib.series_io import series_from_names
         volumeNodes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
         if any(n.GetAttribute("DICOM.instanceUIDs") for n in volumeNodes):
-            return self.seriesFromDicom(volumeNodes, injection, fileForInstance), "DICOM acquisition times"
+            return (self.seriesFromDicom(volumeNodes, injection, fileForInstance, calibration),
+                    "DICOM acquisition times")
         volumes = {n.GetName(): n for n in volumeNodes}
         found = [(h, volumes[ct], volumes[spect]) for h, ct, spect in series_from_names(list(volumes))]
         if not found:
@@ -582,13 +583,15 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
             display.AutoWindowLevelOff()
             display.SetWindowLevelMinMax(0.0, top)
 
-    def seriesFromDicom(self, volumeNodes, injection=None, fileForInstance=None):
-        """[(hours after injection, CT node, SPECT node)] in time order, from the DICOM headers of the
-        volumes loaded through Slicer's DICOM module (their "DICOM.instanceUIDs" attribute): SPECT
+    def seriesFromDicom(self, volumeNodes, injection=None, fileForInstance=None, calibration=None):
+        """[(hours after injection, CT node, SPECT node in Bq/mL)] in time order, from the DICOM headers of
+        the volumes loaded through Slicer's DICOM module (their "DICOM.instanceUIDs" attribute): SPECT
         acquisition start minus the radiopharmaceutical start date-time, each SPECT paired with the CT
         acquired within 2 h of it. ``injection``: a datetime or "YYYY-MM-DD HH:MM" that overrides the
-        headers. ``fileForInstance``: UID -> file path (default: Slicer's DICOM database). Raises
-        DicomTimeError naming the problem (no dated injection, SPECT without CT, ...)."""
+        headers. ``fileForInstance``: UID -> file path (default: Slicer's DICOM database).
+        ``calibration``: cps/MBq (a number or its text) for a SPECT in counts (:meth:`spectInBqPerMl`).
+        Raises DicomTimeError naming the problem (no dated injection, SPECT without CT, ...) and
+        ValueError for a SPECT that cannot be put in Bq/mL."""
         from CoRXRegistrationLib.dicom_times import (DicomTimeError, parse_user_datetime, read_dicom_timing,
                                                      series_from_dicom_timings)
         if fileForInstance is None:
@@ -608,19 +611,63 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         if isinstance(injection, str):
             injection = parse_user_datetime(injection) if injection.strip() else None
         rows = series_from_dicom_timings(timings, injection)
-        return [(hours, nodes[ct], nodes[spect]) for hours, ct, spect in rows]
+        from CoRXRegistrationLib.quantification import calibration_entries
+        if isinstance(calibration, str):
+            try:
+                calibration = float(calibration) if calibration.strip() else None
+            except ValueError:
+                raise ValueError(f"calibration {calibration!r}: give the sensitivity as a number of cps/MBq") from None
+        entries = calibration_entries(calibration, "calibration (cps/MBq)")
+        return [(hours, nodes[ct], self.spectInBqPerMl(nodes[spect], hours, fileForInstance, entries))
+                for hours, ct, spect in rows]
+
+    def spectInBqPerMl(self, node, hours, fileForInstance, calibration=()):
+        """The SPECT of a node loaded from DICOM in Bq/mL at acquisition start: its files read again by
+        CoRX (units, calibration for counts, decay convention: CoRXRegistrationLib.quantification). The
+        node itself when Slicer's values already are these, else a node "<name> (Bq/mL)" beside it (the
+        loaded node is left as it is; a later call updates that node)."""
+        import json
+        from pathlib import Path
+
+        import pydicom
+
+        from CoRXRegistrationLib.dicom_read import DicomSeries
+        from CoRXRegistrationLib.dicom_series import DicomSource
+        uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+        files = [Path(fileForInstance(uid)) for uid in uids if fileForInstance(uid)]
+        if not files:
+            raise ValueError(f"{node.GetName()}: its DICOM files are not in the database")
+        header = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+        series = DicomSeries(str(getattr(header, "SeriesInstanceUID", "")), str(getattr(header, "Modality", "")),
+                             files, header)
+        source = DicomSource(series, "spect", hours, calibration)
+        values, geometry = source.read()
+        loaded = slicer.util.arrayFromVolume(node)
+        if (volumeNodeGeometry(node).same_grid(geometry) and loaded.shape == values.shape
+                and float(np.abs(loaded - values).max()) <= 1e-4 * max(float(np.abs(values).max()), 1.0)):
+            return node
+        key = " ".join(uids)
+        for other in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            if other.GetAttribute("CoRX.sourceInstanceUIDs") == key:
+                slicer.mrmlScene.RemoveNode(other)
+        quantified = addVolumeNode(values, geometry, f"{node.GetName()} (Bq/mL)")
+        quantified.SetAttribute("CoRX.sourceInstanceUIDs", key)
+        quantified.SetAttribute("CoRX.quantification", json.dumps(source.provenance, default=str))
+        return quantified
 
     def loadSeries(self, manifestPath, loadTruth=True):
-        """Load a CoRX series (``series.json``, checked against its schema) as volume nodes; returns
-        {"ct": [...], "spect": [...], "times_h": [...], "truth_transforms": {hours: node}}."""
-        from CoRXRegistrationLib.imageio import read_displacement_field, read_image
-        from CoRXRegistrationLib.series_io import read_series
+        """Load a CoRX series (``series.json``, checked against its schema, a folder of one patient's DICOM
+        files, or a :class:`~CoRXRegistrationLib.series_io.SeriesManifest` already read) as volume nodes
+        (CT in HU, SPECT in Bq/mL); returns {"ct": [...], "spect": [...], "times_h": [...],
+        "truth_transforms": {hours: node}}."""
+        from CoRXRegistrationLib.imageio import read_displacement_field
+        from CoRXRegistrationLib.series_io import read_series, read_source
 
-        manifest = read_series(manifestPath)
+        manifest = manifestPath if hasattr(manifestPath, "spect_paths") else read_series(manifestPath)
         out = {"ct": [], "spect": [], "times_h": list(manifest.hours), "truth_transforms": {}}
         for i, hours in enumerate(manifest.hours):
-            for key, path in (("ct", manifest.ct_paths[i]), ("spect", manifest.spect_paths[i])):
-                array, geometry = read_image(path)
+            for key, source in (("ct", manifest.ct_paths[i]), ("spect", manifest.spect_paths[i])):
+                array, geometry = read_source(source)
                 out[key].append(addVolumeNode(array, geometry, f"{key.upper()} {hours:g}h"))
             truth = manifest.truth_path(i, "field_spect") if loadTruth else None
             if truth is not None:
@@ -840,7 +887,8 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFillFromScene(self):
         """DICOM acquisition times where the volumes came from DICOM, else hours in the volume names."""
         with slicer.util.tryWithErrorDisplay("Could not fill the table.", waitCursor=True):
-            found, source = self.logic.seriesFromScene(self.ui.injectionLineEdit.text)
+            found, source = self.logic.seriesFromScene(self.ui.injectionLineEdit.text,
+                                                       calibration=self.ui.calibrationLineEdit.text)
             self.ui.seriesTable.setRowCount(0)
             for hours, ct, spect in found:
                 self.addRow(ct, spect, hours)
@@ -869,7 +917,8 @@ class CoRXRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.running = running
         table = self.ui.seriesTable
         widgets = [self.ui.loadSeriesButton, self.ui.fillFromSceneButton, self.ui.addTimePointButton,
-                   self.ui.manifestPathLineEdit, self.ui.injectionLineEdit, self.ui.referenceComboBox,
+                   self.ui.manifestPathLineEdit, self.ui.injectionLineEdit, self.ui.calibrationLineEdit,
+                   self.ui.referenceComboBox,
                    self.ui.modelPathLineEdit, self.ui.deviceComboBox, self.ui.refineSpinBox,
                    self.ui.showOverlayButton]
         widgets += [table.cellWidget(r, c) for r in range(table.rowCount) for c in range(table.columnCount)]

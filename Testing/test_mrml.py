@@ -185,25 +185,61 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
     assert fitted["qaTable"].GetTable().GetColumnByName("SPECT organ shift (mm, + superior)").GetValue(0) == 0.0
 
 
-def test_series_from_dicom_headers_of_volume_nodes(mrml_scene, tmp_path):
-    """Nodes loaded from DICOM carry their instance UIDs; the Logic reads their files' headers."""
-    from CoRXRegistration import CoRXRegistrationLogic, addVolumeNode
-    from CoRXRegistrationLib.dicom_times import DicomTimeError
-    from test_dicom_times import write_dicom
-    g = Geometry((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+def _dicom_nodes(folder):
+    """Volume nodes as Slicer's DICOM module loads them (stored values with the rescale applied, the
+    instance UIDs attribute) and the UID -> file map of its database."""
+    import pydicom
+
+    from CoRXRegistration import addVolumeNode
+    from CoRXRegistrationLib.dicom_read import read_volume, scan_dicom
     files, nodes = {}, []
-    for name, modality, acquired in (("CT a", "CT", "20260302 131000"), ("NM a", "NM", "20260302 131500"),
-                                     ("NM b", "NM", "20260304 091500"), ("CT b", "CT", "20260304 092000")):
-        uid = f"1.2.3.{len(files)}"
-        files[uid] = write_dicom(tmp_path / f"{len(files)}.dcm", modality, acquired)
-        node = addVolumeNode(np.zeros(g.shape, np.float32), g, name)
-        node.SetAttribute("DICOM.instanceUIDs", f"{uid} 9.9.9")
+    for s in scan_dicom(folder):
+        uids = [str(pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID) for f in s.files]
+        files.update(zip(uids, map(str, s.files)))
+        v = read_volume(s)
+        node = addVolumeNode(v.values, v.geometry, f"{s.modality} {s.header.StudyDescription}")
+        node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
         nodes.append(node)
-    nodes.append(addVolumeNode(np.zeros(g.shape, np.float32), g, "not from DICOM"))
+    return nodes, files
+
+
+def test_series_from_dicom_headers_of_volume_nodes(mrml_scene, tmp_path):
+    """Nodes loaded from DICOM carry their instance UIDs; the Logic reads their files: hours from the
+    headers, every SPECT in Bq/mL (counts converted with the panel's calibration, the loaded node kept)."""
+    from CoRXRegistration import CoRXRegistrationLogic, addVolumeNode
+    from CoRXRegistrationLib.dicom_export import export_dicom
+    from CoRXRegistrationLib.dicom_times import DicomTimeError
+    from CoRXRegistrationLib.quantification import CalibrationError
+    from CoRXRegistrationLib.series_io import read_series
+    from test_dicom import HOURS, _write_series
+    (tmp_path / "nifti").mkdir()
+    nifti = read_series(_write_series(tmp_path / "nifti"))
+    truth = nifti.sessions()
+    export_dicom(nifti, tmp_path / "counts", units="CNTS")
+    nodes, files = _dicom_nodes(tmp_path / "counts")
+    nodes.append(addVolumeNode(np.zeros((2, 2, 2), np.float32), Geometry((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
+                               "not from DICOM"))
     logic = CoRXRegistrationLogic()
-    found = logic.seriesFromDicom(nodes, fileForInstance=files.get)
-    assert [(h, ct.GetName(), spect.GetName()) for h, ct, spect in found] == [(4.0, "CT a", "NM a"),
-                                                                            (48.0, "CT b", "NM b")]
-    assert [h for h, _, _ in logic.seriesFromDicom(nodes, "2026-03-02 11:15", files.get)] == [2.0, 46.0]
+    with pytest.raises(CalibrationError, match=r"CNTS \(counts\), not Bq/mL, and no calibration factor"):
+        logic.seriesFromDicom(nodes, fileForInstance=files.get)
+    found = logic.seriesFromDicom(nodes, fileForInstance=files.get, calibration="9.6")
+    assert [h for h, _, _ in found] == HOURS
+    for (h, ct, spect), session in zip(found, truth):
+        assert ct.GetName().startswith("CT") and spect.GetName().endswith("(Bq/mL)")
+        values = slicer.util.arrayFromVolume(spect)
+        assert np.abs(values - session.spect).max() <= 3e-5 * session.spect.max()
+        assert "CNTS" in spect.GetAttribute("CoRX.quantification")
+    loaded = [n for n in nodes if n.GetName().startswith("NM")]
+    assert all(slicer.util.arrayFromVolume(n).max() < 0.01 * truth[0].spect.max() for n in loaded)   # still counts
+    again = logic.seriesFromDicom(nodes, "2026-03-02 10:30", files.get, calibration=9.6)
+    assert [h for h, _, _ in again] == [h - 1.0 for h in HOURS]
+    assert len([n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                if n.GetAttribute("CoRX.sourceInstanceUIDs")]) == 3                      # replaced, not piled up
+    with pytest.raises(ValueError, match="as a number of cps/MBq"):
+        logic.seriesFromDicom(nodes, fileForInstance=files.get, calibration="nine")
+    export_dicom(nifti, tmp_path / "bqml")
+    bq_nodes, bq_files = _dicom_nodes(tmp_path / "bqml")
+    spects = [spect for _, _, spect in logic.seriesFromDicom(bq_nodes, fileForInstance=bq_files.get)]
+    assert all(spect in bq_nodes for spect in spects)             # already Bq/mL: the loaded node itself
     with pytest.raises(DicomTimeError, match="none of the volumes was loaded from DICOM"):
         logic.seriesFromDicom(nodes[-1:], fileForInstance=files.get)

@@ -1,5 +1,5 @@
-"""The ``corx`` command line. Sub-commands: simulate, tia, demo, register, model-info, prepare-data,
-train, benchmark.
+"""The ``corx`` command line. Sub-commands: simulate, export-dicom, tia, demo, register, register-series,
+dosimetry, model-info, prepare-data, train, export-model, evaluate, benchmark.
 
 Errors in the input end the command with exit code 2 and one line naming the problem.
 """
@@ -27,6 +27,27 @@ COMPARISON_CORX_NOCS = COMPARISON_MODELS / "corx-cpu-nocs.pt"
 def _allow(args) -> frozenset:
     from .validate import allowed_checks
     return allowed_checks(getattr(args, "allow", None))
+
+
+def _series_options(args) -> dict:
+    """read_series' DICOM options from --injection, --cps-per-mbq and --calibration (None: the manifest's)."""
+    from .dicom_times import parse_user_datetime
+    from .quantification import calibration_entries, read_calibration_file
+    injection = parse_user_datetime(args.injection) if getattr(args, "injection", None) else None
+    calibration = None
+    if getattr(args, "cps_per_mbq", None) is not None:
+        calibration = calibration_entries(args.cps_per_mbq, "--cps-per-mbq")
+    elif getattr(args, "calibration", None):
+        calibration = read_calibration_file(args.calibration)
+    return {"injection": injection, "calibration": calibration}
+
+
+def _print_provenance(manifest) -> None:
+    for row in manifest.provenance():
+        spect = row["spect"]
+        if isinstance(spect, dict):
+            print(f"{row['hours']:>7g} h: {spect['series']}: {spect.get('units')} -> Bq/mL ({spect.get('conversion')}; "
+                  f"decay: {spect.get('decay')})")
 
 
 def _cmd_simulate(args) -> int:
@@ -135,7 +156,7 @@ def _cmd_register_series(args) -> int:
 
     t0 = time.perf_counter()
     allow = _allow(args)
-    manifest = read_series(args.series)
+    manifest = read_series(args.series, **_series_options(args))
     out = Path(args.out)
     check_outside_inputs(out, manifest)
     qa = OutputSet(out, ["registration_qa.json"]).prepare(args.overwrite)
@@ -144,14 +165,15 @@ def _cmd_register_series(args) -> int:
     sessions = manifest.sessions()
     _, pairs = register_series(sessions, manifest.hours, manifest.reference_index, out, model=args.model,
                                device=args.device, overwrite=args.overwrite,
-                               protected=[manifest.path, *manifest.ct_paths, *manifest.spect_paths],
+                               protected=manifest.input_files(),
                                spect_offset=False if args.no_spect_offset else None,
                                spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift),
                                allow=allow, network_field=args.network_field,
                                ct_grid="ct" if args.native_ct else "spect")
     summary = registration_summary(pairs, manifest.hours)
-    write_text(qa.path("registration_qa.json"), json.dumps({"series": str(manifest.path), "pairs": summary},
-                                                           indent=2))
+    write_text(qa.path("registration_qa.json"), json.dumps({"series": str(manifest.path), "pairs": summary,
+                                                            "inputs": manifest.provenance()}, indent=2, default=str))
+    _print_provenance(manifest)
     for i, row in pairs.items():
         for note in row["notes"]:
             print(f"note ({manifest.hours[i]:g} h): {note}")
@@ -160,6 +182,41 @@ def _cmd_register_series(args) -> int:
         print(f"{tp:>7}: SPECT LNCC {m['identity']['spect_lncc']:.4f} -> {m['registered']['spect_lncc']:.4f}, "
               f"Jacobian <= 0 {row['jacobian_nonpositive_percent_spect_grid']:.3f} %, {row['seconds']:.1f} s")
     print(f"registered {len(pairs)} time points in {time.perf_counter() - t0:.1f} s; wrote {out}")
+    return 0
+
+
+def _cmd_dosimetry(args) -> int:
+    from .dosimetry import run_dosimetry
+    from .series_io import read_series
+
+    manifest = read_series(args.series, **_series_options(args))
+    result = run_dosimetry(manifest, args.out, model=args.model, device=args.device, overwrite=args.overwrite,
+                           allow=_allow(args), segmentation=args.segmentation)
+    _print_provenance(manifest)
+    for msg in result["outputs"].messages:
+        print(f"note: {msg}")
+    for row in result["outputs"].voi_rows:
+        if row["status"] == "ok":
+            dose = f", mean dose {row['mean_gy']:.2f} Gy" if "mean_gy" in row else ""
+            print(f"{row['segment']:>24}: {row['volume_ml']:8.1f} mL, voxel TIA sum {row['voxel_tia_sum_mbq_h']:10.1f} "
+                  f"MBq h{dose}")
+    for path in result["dicom"]:
+        print(f"DICOM: {path}")
+    print(f"{manifest.patient_id}: dosimetry of {len(manifest.hours)} time points in "
+          f"{result['report']['seconds']:.1f} s; wrote {args.out}")
+    return 0
+
+
+def _cmd_export_dicom(args) -> int:
+    from .dicom_export import export_dicom
+    from .dicom_times import parse_user_datetime
+    from .series_io import read_series
+
+    manifest = read_series(args.series)
+    done = export_dicom(manifest, args.out, units=args.units, style=args.style, cps_per_mbq=args.cps_per_mbq,
+                        injection=parse_user_datetime(args.injection), overwrite=args.overwrite)
+    extra = f"; scanner calibration in {done['calibration']}" if done["calibration"] else ""
+    print(f"wrote {len(done['files'])} DICOM files ({args.style}, {args.units}) to {args.out}{extra}")
     return 0
 
 
@@ -269,6 +326,16 @@ def _threads_line() -> str:
     return f"{threads_in_use()}, {os.cpu_count()} cores"
 
 
+def _add_dicom_options(parser) -> None:
+    parser.add_argument("--injection", help="DICOM input: injection date and time (YYYY-MM-DD HH:MM), overriding the "
+                                            "headers' radiopharmaceutical start")
+    cal = parser.add_mutually_exclusive_group()
+    cal.add_argument("--cps-per-mbq", type=float, help="DICOM input in counts (CNTS): the scanner's 177Lu sensitivity "
+                                                       "(cps/MBq), for every SPECT")
+    cal.add_argument("--calibration", help="DICOM input in counts: a corx-calibration/1 JSON file of factors per "
+                                           "scanner/collimator")
+
+
 def _add_allow(parser) -> None:
     from .validate import CHECKS
     parser.add_argument("--allow", nargs="+", choices=list(CHECKS), metavar="CHECK", default=[],
@@ -295,6 +362,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clinical grids (CT 1.5x1.5x3.75 mm, SPECT 4.42 mm) or small ones (CT 3x3x5 mm, SPECT 7 mm)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing series in --out")
     s.set_defaults(func=_cmd_simulate)
+
+    xd = sub.add_parser("export-dicom", help="write a series (e.g. a simulated one) as scanner-like DICOM: CT slices "
+                                             "and an NM multi-frame SPECT per session")
+    xd.add_argument("series", help="a series.json or its folder")
+    xd.add_argument("--out", required=True, help="output folder for the DICOM files")
+    xd.add_argument("--units", choices=["BQML", "CNTS"], default="BQML",
+                    help="SPECT values: Bq/mL, or counts of a scanner of --cps-per-mbq (then calibration.json too)")
+    xd.add_argument("--style", choices=["classic", "enhanced"], default="classic",
+                    help="classic: NM image layout, one rescale, DA/TM times; enhanced: per-frame functional groups, "
+                         "real-world value mapping, decay-corrected to the administration, DT times with UTC offset")
+    xd.add_argument("--cps-per-mbq", type=float, default=9.6, help="sensitivity of the simulated scanner (cps/MBq)")
+    xd.add_argument("--injection", default="2026-03-02 09:30", help="injection date and time (YYYY-MM-DD HH:MM)")
+    xd.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    xd.set_defaults(func=_cmd_export_dicom)
 
     t = sub.add_parser("tia", help="TIA, fit-quality, dose maps and VOI tables from registered SPECT volumes")
     t.add_argument("--spect", nargs="+", required=True, help="registered SPECT volumes (Bq/mL, one grid)")
@@ -360,8 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--network-field", action="store_true", help="as for register")
     rs.add_argument("--native-ct", action="store_true", help="as for register")
     rs.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
+    _add_dicom_options(rs)
     _add_allow(rs)
     rs.set_defaults(func=_cmd_register_series)
+
+    do = sub.add_parser("dosimetry", help="a series (series.json or a folder of DICOM files) to TIA and dose: "
+                                          "registration, maps, VOI table; RT Dose and registrations as DICOM")
+    do.add_argument("series", help="a series.json, its folder, or a folder of one patient's DICOM files")
+    do.add_argument("--out", required=True, help="output folder: registration/, tia/, dicom/, dosimetry.json")
+    do.add_argument("--segmentation", help="label map or .seg.nrrd for the VOI table (default: the manifest's)")
+    do.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
+    do.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    do.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
+    _add_dicom_options(do)
+    _add_allow(do)
+    do.set_defaults(func=_cmd_dosimetry)
 
     pd = sub.add_parser("prepare-data", help="pack training patients onto the network grid")
     pd.add_argument("--out", required=True, help="folder for the packed patient files")

@@ -108,7 +108,7 @@ def registration_summary(pairs: dict, times_h, series=None) -> dict:
 
 def check_outside_inputs(out, manifest) -> None:
     """Refuse an output folder inside the input series' folder, or one that holds any input file."""
-    inputs = [manifest.path, *manifest.ct_paths, *manifest.spect_paths]
+    inputs = manifest.input_files()
     held = [f for f in inputs if inside(f, out)]
     if inside(out, manifest.folder) or held:
         raise ValueError(f"--out {out} lies inside the input series {manifest.folder} or holds its files; choose an "

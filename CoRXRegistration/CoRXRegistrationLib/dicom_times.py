@@ -187,14 +187,11 @@ def read_dicom_timing(path) -> DicomTiming:
         raise DicomTimeError(f"{path}: {e}") from None
 
 
-def series_from_dicom_timings(timings: dict, injection: datetime | None = None,
-                              max_ct_gap_h: float = 2.0) -> list:
-    """[(hours after injection, CT name, SPECT name)] in time order from ``{volume name: DicomTiming}``.
-
-    SPECT = modality NM (or PT); each is paired with the CT acquired nearest to it within
-    ``max_ct_gap_h`` (the CT of the same SPECT/CT session), each CT used once. ``injection``
-    (the user's) overrides the headers; without it every SPECT must state the same dated start
-    time (within one minute)."""
+def hours_after_injection(timings: dict, injection: datetime | None = None) -> tuple:
+    """({SPECT name: hours after injection}, injection datetime) from ``{volume name: DicomTiming}``
+    (CTs may be among them: they are put on the same clock). ``injection`` (the user's, on the
+    first SPECT's clock) overrides the headers; without it every SPECT must state the same dated
+    start time (within one minute). Timings on one clock are returned as the third item."""
     spects = {n: t for n, t in timings.items() if t.modality in SPECT_MODALITIES}
     if not spects:
         raise DicomTimeError("no SPECT (modality NM) among the DICOM volumes")
@@ -203,7 +200,6 @@ def series_from_dicom_timings(timings: dict, injection: datetime | None = None,
     if injection is not None and on_utc:
         injection = injection - first_spect.acquisition_utc_offset      # typed on the first SPECT's clock
     spects = {n: t for n, t in timings.items() if t.modality in SPECT_MODALITIES}
-    cts = {n: t for n, t in timings.items() if t.modality == "CT"}
     if injection is None:
         stated = {n: t.injection for n, t in spects.items() if t.injection is not None}
         if len(stated) < len(spects):
@@ -218,17 +214,33 @@ def series_from_dicom_timings(timings: dict, injection: datetime | None = None,
             raise DicomTimeError(f"the SPECTs state different injection times ({detail}): "
                                  "not one administration; enter the injection date and time")
         injection = first
-    rows, used = [], set()
-    for name, t in sorted(spects.items(), key=lambda kv: kv[1].acquisition):
-        hours = (t.acquisition - injection).total_seconds() / 3600.0
-        if hours < 0:
+    hours = {}
+    for name, t in spects.items():
+        h = (t.acquisition - injection).total_seconds() / 3600.0
+        if h < 0:
             raise DicomTimeError(f"{name!r} was acquired {t.acquisition:%Y-%m-%d %H:%M}, before the injection "
                                  f"({injection:%Y-%m-%d %H:%M})")
+        hours[name] = h
+    return hours, injection, timings
+
+
+def series_from_dicom_timings(timings: dict, injection: datetime | None = None,
+                              max_ct_gap_h: float = 2.0) -> list:
+    """[(hours after injection, CT name, SPECT name)] in time order from ``{volume name: DicomTiming}``.
+
+    SPECT = modality NM (or PT); each is paired with the CT acquired nearest to it within
+    ``max_ct_gap_h`` (the CT of the same SPECT/CT session), each CT used once. Hours as
+    :func:`hours_after_injection`."""
+    hours, _, timings = hours_after_injection(timings, injection)
+    cts = {n: t for n, t in timings.items() if t.modality == "CT"}
+    rows, used = [], set()
+    for name in sorted(hours, key=lambda n: timings[n].acquisition):
+        t = timings[name]
         gaps = sorted((abs((c.acquisition - t.acquisition).total_seconds()) / 3600.0, n)
                       for n, c in cts.items() if n not in used)
         if not gaps or gaps[0][0] > max_ct_gap_h:
             raise DicomTimeError(f"no CT acquired within {max_ct_gap_h:g} h of SPECT {name!r} "
                                  f"({t.acquisition:%Y-%m-%d %H:%M})")
         used.add(gaps[0][1])
-        rows.append((round(hours, 2), gaps[0][1], name))
+        rows.append((round(hours[name], 2), gaps[0][1], name))
     return rows

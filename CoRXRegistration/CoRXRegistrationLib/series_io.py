@@ -7,6 +7,12 @@ Manifest format ``corx-series/1`` (the simulator writes it; users write the same
 
 Paths are relative to the manifest's folder. CT in HU, SPECT in Bq/mL, hours after injection.
 Simulated series also carry ``truth`` entries (fields, labels) used for evaluation only.
+
+DICOM: a time point's ``ct`` / ``spect`` may name a DICOM file or a folder holding one image series;
+where every SPECT is DICOM, ``hours`` may be left out (then taken from the headers, with an optional
+``"injection": "YYYY-MM-DD HH:MM"``), and ``"calibration"`` gives the cps/MBq of a counts SPECT
+(:mod:`CoRXRegistrationLib.quantification`). A folder of DICOM files without a manifest is a series
+too (:mod:`CoRXRegistrationLib.dicom_series` sorts and pairs it).
 """
 from __future__ import annotations
 
@@ -41,7 +47,25 @@ class SeriesManifest:
 
     @property
     def folder(self) -> Path:
-        return self.path.parent
+        """The series' folder: the manifest's, or the DICOM folder itself."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def from_dicom(self) -> bool:
+        return any(hasattr(src, "series") for src in [*self.ct_paths, *self.spect_paths])
+
+    def input_files(self) -> list:
+        """Every file the series is read from (manifest, images, DICOM files): never an output."""
+        files = [] if self.path.is_dir() else [self.path]
+        for src in [*self.ct_paths, *self.spect_paths]:
+            files += src.files if hasattr(src, "files") else [src]
+        return files
+
+    def provenance(self) -> list:
+        """Per time point, where the CT and SPECT came from and how their values were converted
+        (DICOM sources fill theirs when read)."""
+        return [{"hours": h, "ct": getattr(ct, "provenance", str(ct)), "spect": getattr(sp, "provenance", str(sp))}
+                for h, ct, sp in zip(self.hours, self.ct_paths, self.spect_paths)]
 
     def session(self, i: int) -> SpectCt:
         """Time point ``i`` read from disk (CT as float32 HU, SPECT as float32 Bq/mL)."""
@@ -69,8 +93,13 @@ def read_sessions(specs) -> list:
     from concurrent.futures import ThreadPoolExecutor
     paths = [p for ct, spect, _ in specs for p in (ct, spect)]
     with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-        images = list(pool.map(read_image, paths))
+        images = list(pool.map(read_source, paths))
     return [SpectCt(*images[2 * n], *images[2 * n + 1], label=label) for n, (_, _, label) in enumerate(specs)]
+
+
+def read_source(source) -> tuple:
+    """(array, geometry) of an image file, or of a :class:`~CoRXRegistrationLib.dicom_series.DicomSource`."""
+    return source.read() if hasattr(source, "read") else read_image(source)
 
 
 def find_manifest(path) -> Path:
@@ -95,9 +124,50 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_series(path) -> SeriesManifest:
+def _dicom_options(raw: dict, where: str, injection, calibration) -> tuple:
+    """(injection datetime or None, calibration entries): the caller's, else the manifest's."""
+    from .dicom_times import DicomTimeError, parse_user_datetime
+    from .quantification import CalibrationError, calibration_entries
+    if injection is None and raw.get("injection") is not None:
+        try:
+            injection = parse_user_datetime(raw["injection"])
+        except DicomTimeError as exc:
+            raise SeriesError(f"{where}: \"injection\": {exc}") from None
+    if calibration is None:
+        try:
+            calibration = calibration_entries(raw.get("calibration"), f"{where}: \"calibration\"")
+        except CalibrationError as exc:
+            raise SeriesError(str(exc)) from None
+    return injection, list(calibration)
+
+
+def manifest_from_dicom(folder, injection=None, calibration=None, images=None) -> SeriesManifest:
+    """A series from a folder of one patient's DICOM files (sorted and paired by
+    :func:`~CoRXRegistrationLib.dicom_series.series_from_dicom`); reference = the first time point."""
+    from .dicom_series import series_from_dicom
+    folder = Path(folder)
+    found = series_from_dicom(folder, injection, calibration or (), images=images)
+    patient = safe_id(found["patient_id"]) or safe_id(folder.name) or "patient"
+    raw = {"format": MANIFEST_FORMAT, "source": "dicom", "patient_id": found["patient_id"],
+           "injection": found["injection"], "notes": found["notes"],
+           "time_points": [{"hours": h, "ct": str(c), "spect": str(sp)}
+                           for h, c, sp in zip(found["hours"], found["ct"], found["spect"])]}
+    return SeriesManifest(folder, patient, found["hours"], found["ct"], found["spect"], 0, raw)
+
+
+def read_series(path, injection=None, calibration=None) -> SeriesManifest:
     """Parse and check a manifest against the ``corx-series/1`` schema: every message names the file
-    and the key. Times strictly increasing; files present; ``patient_id`` made safe as a folder name."""
+    and the key. Times strictly increasing; files present; ``patient_id`` made safe as a folder name.
+    A folder of DICOM files without a manifest: :func:`manifest_from_dicom`. ``injection`` (datetime)
+    and ``calibration`` (entries) override the manifest's, for DICOM sources."""
+    from .dicom_read import DicomError, dicom_files, is_dicom_file
+    from .dicom_times import DicomTimeError
+    given = Path(path)
+    if given.is_dir() and not (given / MANIFEST_NAME).is_file() and dicom_files(given):
+        try:
+            return manifest_from_dicom(given, injection, calibration)
+        except (DicomError, DicomTimeError) as exc:
+            raise SeriesError(f"{given}: {exc}") from None
     p = find_manifest(path)
     try:
         raw = json.loads(p.read_text())
@@ -117,19 +187,26 @@ def read_series(path) -> SeriesManifest:
     for n, tp in enumerate(points):
         if not isinstance(tp, dict):
             raise SeriesError(f"{p}: time_points[{n}] must be an object, found {tp!r}")
-        missing = [k for k in ("hours", "ct", "spect") if k not in tp]
+        missing = [k for k in ("ct", "spect") if k not in tp]
         if missing:
             raise SeriesError(f"{p}: time point {n} lacks {', '.join(missing)}")
-        if not _number(tp["hours"]):
+        if "hours" in tp and not _number(tp["hours"]):
             raise SeriesError(f"{p}: time_points[{n}].hours must be a number of hours, found {tp['hours']!r}")
-        hours.append(float(tp["hours"]))
+        hours.append(float(tp["hours"]) if "hours" in tp else None)
         for key, bucket in (("ct", cts), ("spect", spects)):
             if not isinstance(tp[key], str) or not tp[key].strip():
                 raise SeriesError(f"{p}: time_points[{n}].{key} must be a file name, found {tp[key]!r}")
             f = p.parent / tp[key]
-            if not f.is_file():
+            if not f.exists():
                 raise SeriesError(f"{p}: time point {n} {key} file {f} does not exist")
+            if f.is_dir() or is_dicom_file(f):
+                from .dicom_series import single_series
+                try:
+                    f = single_series(f, key)
+                except DicomError as exc:
+                    raise SeriesError(f"{p}: time_points[{n}].{key}: {exc}") from None
             bucket.append(f)
+    _dicom_hours(p, raw, hours, cts, spects, injection, calibration)
     h = np.asarray(hours)
     if not np.all(np.isfinite(h)) or np.any(h < 0) or np.any(np.diff(h) <= 0):
         raise SeriesError(f"{p}: hours after injection must be >= 0 and strictly increasing, got {hours}")
@@ -149,22 +226,79 @@ def read_series(path) -> SeriesManifest:
     return SeriesManifest(p, patient, hours, cts, spects, ref, raw)
 
 
-def find_series(root, errors: list | None = None) -> list:
-    """Every manifest under ``root`` (a manifest, a series folder, or a folder of series folders).
+def _dicom_hours(p: Path, raw: dict, hours: list, cts: list, spects: list, injection, calibration) -> None:
+    """Fill missing hours from the DICOM headers and turn DICOM time points into sources (in place)."""
+    from .dicom_series import DicomSource
+    from .dicom_times import DicomTimeError, hours_after_injection, timing_from_dataset
+    dicom = [hasattr(s, "uid") for s in spects]
+    if any(h is None for h in hours):
+        if not all(dicom) or not all(h is None for h in hours):
+            raise SeriesError(f"{p}: every time point needs \"hours\" (they may be left out only all together, "
+                              "where every SPECT is DICOM)")
+    if not any(dicom) and not any(hasattr(c, "uid") for c in cts):
+        return
+    injection, entries = _dicom_options(raw, str(p), injection, calibration)
+    if hours[0] is None:
+        try:
+            found, _, _ = hours_after_injection({s.uid: timing_from_dataset(s.header) for s in spects}, injection)
+        except DicomTimeError as exc:
+            raise SeriesError(f"{p}: {exc}") from None
+        hours[:] = [round(found[s.uid], 4) for s in spects]
+    from .dicom_read import DicomError
+    from .quantification import CalibrationError
+    for n in range(len(hours)):
+        if hasattr(cts[n], "uid"):
+            cts[n] = DicomSource(cts[n], "ct")
+        if dicom[n]:
+            try:
+                spects[n] = DicomSource(spects[n], "spect", hours[n], entries)
+            except (DicomError, CalibrationError) as exc:
+                raise SeriesError(f"{p}: time_points[{n}].spect: {exc}") from None
+
+
+def _dicom_patients(root: Path, errors, injection, calibration) -> list:
+    """One series per patient of a DICOM folder (a patient that cannot be read fails alone)."""
+    from .dicom_read import DicomError
+    from .dicom_series import by_patient, image_series
+    from .dicom_times import DicomTimeError
+    from .quantification import CalibrationError
+    found = []
+    for patient, series in sorted(by_patient(root).items()):
+        try:
+            notes = []
+            images = image_series(series, notes)
+            if not images:
+                continue
+            m = manifest_from_dicom(root, injection, calibration, images=images)
+            m.raw["notes"] = notes + m.raw["notes"]
+            found.append(m)
+        except (DicomError, DicomTimeError, CalibrationError, SeriesError) as exc:
+            if errors is None:
+                raise SeriesError(f"{root}: patient '{patient}': {exc}") from None
+            errors.append((root / (safe_id(patient) or "patient"), f"patient '{patient}': {exc}"))
+    return found
+
+
+def find_series(root, errors: list | None = None, injection=None, calibration=None) -> list:
+    """Every series under ``root`` (a manifest, a series folder, a folder of series folders, or a folder of
+    DICOM files: one series per patient in it).
 
     Patient ids must be unique. With ``errors`` (a list), a bad manifest or a repeated id is appended
     there as (manifest path, message) and the others are returned; without it, the first problem raises."""
+    from .dicom_read import dicom_files
     r = Path(root)
     if (r / MANIFEST_NAME).is_file() or r.is_file():
         paths = [find_manifest(r)]
     else:
         paths = sorted(r.glob(f"*/{MANIFEST_NAME}")) if r.is_dir() else []
-    if not paths:
-        raise SeriesError(f"no {MANIFEST_NAME} found in {r} or its sub-folders")
     found, by_id = [], {}
+    if not paths and r.is_dir() and dicom_files(r):
+        found = _dicom_patients(r, errors, injection, calibration)
+    elif not paths:
+        raise SeriesError(f"no {MANIFEST_NAME} and no DICOM file found in {r} or its sub-folders")
     for f in paths:
         try:
-            found.append(read_series(f))
+            found.append(read_series(f, injection, calibration))
         except SeriesError as exc:
             if errors is None:
                 raise

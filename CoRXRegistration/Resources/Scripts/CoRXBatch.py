@@ -3,7 +3,10 @@
 In Slicer:   Slicer --no-main-window --python-script CoRXBatch.py --input SERIES --output DIR
 Plain Python with slicer-core (tests, servers):   python CoRXBatch.py --input SERIES --output DIR
 
-SERIES is a ``series.json`` (format corx-series/1), its folder, or a folder of such folders. A
+SERIES is a ``series.json`` (format corx-series/1), its folder, a folder of such folders, or a folder
+of DICOM files (one series per patient in it; SPECT in counts needs ``--cps-per-mbq`` or
+``--calibration``; DICOM input also gives ``dicom/rtdose.dcm`` and a deformable registration per
+moving time point). A
 manifest may name a ``"segmentation"`` (label map or .seg.nrrd on the reference SPECT frame; a
 simulated series' truth segmentation is used otherwise) for the VOI table and dose statistics.
 Per patient, DIR/<patient_id>/ receives: the grid transform of every moving time point (NRRD
@@ -78,7 +81,9 @@ def patient_outputs(manifest, out: Path):
              for name in ("transform_{}.nrrd", "spect_{}_deformed.nrrd", "ct_{}_deformed.nrrd", "jacobian_{}.nrrd",
                           "deformation_rgb_{}.nrrd")]
     names += ["registration_qa.csv", "tia.nrrd", "fit_rmse.nrrd", "fit_model.nrrd", "dose.nrrd", "voi.csv"]
-    return OutputSet(out, names, inputs=[manifest.path, *manifest.ct_paths, *manifest.spect_paths])
+    from CoRXRegistrationLib.dosimetry import dicom_output_names
+    names += [f"dicom/{name}" for name in dicom_output_names(manifest)]
+    return OutputSet(out, names, inputs=manifest.input_files())
 
 
 def process_patient(manifest, out, model: str, device: str, log, allow=()) -> dict:
@@ -90,7 +95,7 @@ def process_patient(manifest, out, model: str, device: str, log, allow=()) -> di
 
     t0 = time.perf_counter()
     logic = reg.CoRXRegistrationLogic()
-    loaded = logic.loadSeries(manifest.path, loadTruth=False)
+    loaded = logic.loadSeries(manifest, loadTruth=False)
     ref = manifest.reference_index
     log.info("%s: %d time points %s h, reference %g h", manifest.patient_id, len(manifest.hours), manifest.hours,
              manifest.hours[ref])
@@ -124,6 +129,18 @@ def process_patient(manifest, out, model: str, device: str, log, allow=()) -> di
             written.append(reg.saveNode(maps[key], out.path(f"{key}.nrrd")))
     if maps["voi_rows"]:
         written.append(reg.saveNode(reg.addTableNode(maps["voi_rows"], "VOI results"), out.path("voi.csv")))
+    from CoRXRegistrationLib.dosimetry import dicom_output_names, write_dicom_results
+    if dicom_output_names(manifest):
+        import slicer
+        fields = {manifest.hours.index(h): nodes["result"].field_spect for h, nodes in registered["pairs"].items()}
+        dose = slicer.util.arrayFromVolume(maps["dose"]) if "dose" in maps else None
+        written += write_dicom_results(out, manifest, dose, reg.volumeNodeGeometry(loaded["spect"][ref]), fields,
+                                       prefix="dicom/")
+        log.info("  DICOM: RT Dose and %d deformable registrations in %s", len(fields), out.folder / "dicom")
+    for row in manifest.provenance():
+        if isinstance(row["spect"], dict):
+            log.info("  %g h: %s: %s -> Bq/mL (%s; decay: %s)", row["hours"], row["spect"]["series"],
+                     row["spect"].get("units"), row["spect"].get("conversion"), row["spect"].get("decay"))
     for message in maps["messages"]:
         log.warning("  %s", message)
     log.info("  %s done in %.1f s: %d files", manifest.patient_id, time.perf_counter() - t0, len(written))
@@ -165,8 +182,13 @@ def run(args) -> int:
         return 2
     errors = []
     try:
+        from CoRXRegistrationLib.dicom_times import parse_user_datetime
+        from CoRXRegistrationLib.quantification import calibration_entries, read_calibration_file
         from CoRXRegistrationLib.series_io import find_series
-        series = find_series(args.input, errors)
+        calibration = (calibration_entries(args.cps_per_mbq, "--cps-per-mbq") if args.cps_per_mbq is not None
+                       else read_calibration_file(args.calibration) if args.calibration else None)
+        injection = parse_user_datetime(args.injection) if args.injection else None
+        series = find_series(args.input, errors, injection=injection, calibration=calibration)
     except Exception as exc:                       # a clear one-line reason, non-zero exit
         log.error("cannot read the input %s: %s", args.input, exc)
         return 2
@@ -201,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="bundled", help="'bundled' or a CoRX checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--overwrite", action="store_true", help="replace a patient's earlier results as a whole")
+    parser.add_argument("--injection", help="DICOM input: injection date and time (YYYY-MM-DD HH:MM)")
+    parser.add_argument("--cps-per-mbq", type=float, help="DICOM input in counts: the scanner's sensitivity (cps/MBq)")
+    parser.add_argument("--calibration", help="DICOM input in counts: a corx-calibration/1 JSON file")
     parser.add_argument("--allow", nargs="+", default=[], metavar="CHECK",
                         help="turn these input checks into logged warnings (see CoRXRegistrationLib.validate)")
     try:
