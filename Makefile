@@ -10,7 +10,7 @@ VENV   ?= .venv
 # TORCH_INDEX=<url> (GPU users: TORCH="torch" to take the CUDA build).
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= test,baseline
+EXTRAS      ?= test,baseline,scanner
 OUT         ?= output/demo
 
 PIP_INDEX_ARG = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)

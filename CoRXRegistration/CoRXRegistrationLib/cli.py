@@ -55,9 +55,13 @@ def _cmd_simulate(args) -> int:
     from .simulation.preview import save_series_preview
     from .simulation.series import series_outputs
 
+    scanner = {k: v for k, v in (("views", args.scanner_views), ("osem_iterations", args.scanner_iterations),
+                                 ("osem_subsets", args.scanner_subsets)) if v is not None}
+    if args.scanner_views:                          # the same 30 min acquisition, in fewer or more views
+        scanner["seconds_per_view"] = 1800.0 / args.scanner_views
     cfg = SimulationConfig.preset(args.preset, seed=args.seed, anatomy=args.anatomy,
                                   times_h=tuple(args.times), reference_index=args.reference_index,
-                                  injected_mbq=args.injected_mbq)
+                                  injected_mbq=args.injected_mbq, imaging=args.imaging, scanner=scanner or None)
     cfg.validate()                                # before any file is looked at
     plan = series_outputs(cfg, args.out)          # before simulating: refuses a folder of other files
     if not args.overwrite:
@@ -360,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--injected-mbq", type=float, default=7400.0, help="injected activity in MBq (default 7400)")
     s.add_argument("--preset", choices=["clinical", "small"], default="clinical",
                    help="clinical grids (CT 1.5x1.5x3.75 mm, SPECT 4.42 mm) or small ones (CT 3x3x5 mm, SPECT 7 mm)")
+    s.add_argument("--imaging", choices=["gaussian", "scanner"], default="gaussian",
+                   help="gaussian: image-space blur and Poisson noise (fast); scanner: projection with attenuation "
+                        "and collimator response, Poisson counts, OSEM (needs the 'scanner' extra, minutes per time "
+                        "point)")
+    s.add_argument("--scanner-views", type=int,
+                   help="scanner imaging: views over 360 degrees in the same 30 min (default 60 x 30 s)")
+    s.add_argument("--scanner-iterations", type=int, help="scanner imaging: OSEM iterations (default 4)")
+    s.add_argument("--scanner-subsets", type=int, help="scanner imaging: OSEM subsets (default 10)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing series in --out")
     s.set_defaults(func=_cmd_simulate)
 

@@ -55,6 +55,9 @@ class SimulationConfig:
     max_breathing_mm: float = 15.0
     n_tumours: int | None = None            # None: 1-6 at random
     patient15_zip: str | None = None
+    imaging: str = "gaussian"               # "gaussian" (image-space blur + Poisson) or "scanner" (projection + OSEM)
+    scanner: dict | None = None             # ScannerConfig fields for imaging="scanner" (None: its defaults)
+    scanner_truth_recon: bool = True        # scanner mode: also image the unmoved activity (truth/recon_unmoved_*)
 
     @staticmethod
     def preset(name: str, **overrides) -> "SimulationConfig":
@@ -82,6 +85,17 @@ class SimulationConfig:
             raise ValueError(f"reference_index {self.reference_index} is not one of the {len(t)} time points")
         if self.injected_mbq <= 0:
             raise ValueError("injected_mbq must be positive")
+        if self.imaging not in ("gaussian", "scanner"):
+            raise ValueError(f"imaging must be 'gaussian' or 'scanner', found {self.imaging!r}")
+        if self.imaging == "scanner":
+            self.scanner_config().validate()
+
+    def scanner_config(self):
+        from .scanner import ScannerConfig
+        try:
+            return ScannerConfig(**(self.scanner or {}))
+        except TypeError as exc:
+            raise ValueError(f"scanner settings: {exc}") from None
 
 
 @dataclass
@@ -105,6 +119,8 @@ class SimulatedSeries:
     spect_fwhm_mm: float
     timing_s: dict = field(default_factory=dict)
     labels_session_spect: list = field(default_factory=list)   # tissue labels on each session's own SPECT grid
+    truth_recon_unmoved: list = field(default_factory=list)    # scanner mode: the unmoved activity imaged alike
+    imaging_info: list = field(default_factory=list)           # scanner mode: per time point counts, orbit, ...
 
     @property
     def reference_spect_geometry(self) -> Geometry:
@@ -181,6 +197,8 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
     to_anatomy_ref_spect = lambda p: np.broadcast_to(-s_ref, p.shape)  # noqa: E731
 
     cts, spects, activities, fields_ct, fields_spect, session_labels = [], [], [], {}, {}, []
+    recon_unmoved, imaging_info = [], []
+    scanner = cfg.scanner_config() if cfg.imaging == "scanner" else None
     t_ct = t_spect = 0.0
     for i, t_h in enumerate(cfg.times_h):
         progress(0.1 + 0.8 * i / n, f"time point {t_h:g} h")
@@ -192,18 +210,37 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
                              else sf.inverse_at, rng, cfg.ct_noise_hu))
         tb = time.perf_counter()
         act = egrid.pool(kinetics.activity(t_h))
-        emission = blur(act, egrid.geometry, fwhm, m.spect_breathing_blur_mm)
         to_anatomy = lambda p, sf=sf, s=s_t: sf.inverse_at(p - s) - s  # noqa: E731
-        spects.append(render_spect(emission, egrid.geometry, sp_g, to_anatomy, rng,
-                                   cfg.counts_per_mbq_s, cfg.acquisition_s))
-        session_labels.append(resample(phantom.labels, pg, sp_g, displacement=to_anatomy, mode="nearest"))
         activities.append(resample(act, egrid.geometry, ref_spect_g, displacement=to_anatomy_ref_spect))
+        if scanner is None:
+            emission = blur(act, egrid.geometry, fwhm, m.spect_breathing_blur_mm)
+            spects.append(render_spect(emission, egrid.geometry, sp_g, to_anatomy, rng,
+                                       cfg.counts_per_mbq_s, cfg.acquisition_s))
+        else:
+            from .scanner import image_spect
+            emission = blur(act, egrid.geometry, 0.0, m.spect_breathing_blur_mm)     # breathing during the scan
+            body = np.clip(resample(emission, egrid.geometry, sp_g, displacement=to_anatomy), 0.0, None)
+            spect, info = image_spect(body, _mu(phantom, pg, sp_g, scanner, to_anatomy), sp_g, scanner, rng,
+                                      mu_recon_per_cm=_mu_of_ct(cts[-1], ct_g, sp_g, scanner))
+            spects.append(spect)
+            imaging_info.append(info)
+        session_labels.append(resample(phantom.labels, pg, sp_g, displacement=to_anatomy, mode="nearest"))
         if i != ref:
             pts = ref_spect_g.lps_grid().reshape(-1, 3)
             fields_ct[i] = sf.forward_at(pts).reshape(ref_spect_g.shape + (3,))
             fields_spect[i] = (sf.forward_at(pts - s_ref) + (s_t - s_ref)).reshape(ref_spect_g.shape + (3,))
         t_ct += tb - ta
         t_spect += time.perf_counter() - tb
+    if scanner is not None and cfg.scanner_truth_recon:        # what the scanner shows of the unmoved activity
+        from .scanner import image_spect
+        ta = time.perf_counter()
+        mu_true = _mu(phantom, pg, ref_spect_g, scanner, to_anatomy_ref_spect)
+        mu_ct = _mu_of_ct(cts[ref], ref_ct_g, ref_spect_g, scanner)
+        for i, t_h in enumerate(cfg.times_h):
+            progress(0.85, f"unmoved activity imaged, {t_h:g} h")
+            recon_unmoved.append(image_spect(activities[i], mu_true, ref_spect_g, scanner, rng,
+                                             mu_recon_per_cm=mu_ct)[0])
+        t_spect += time.perf_counter() - ta
     timing["ct"], timing["spect"] = t_ct, t_spect
 
     t2 = time.perf_counter()
@@ -225,7 +262,21 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
     progress(1.0, "done")
     return SimulatedSeries(cfg, phantom, cts, [g[0] for g in grids], spects, [g[1] for g in grids], motions,
                            fields_ct, fields_spect, activities, truth_tia, truth_tia_psf, labels_spect, labels_ct,
-                           curves, voi_truth, fwhm, timing, session_labels)
+                           curves, voi_truth, fwhm, timing, session_labels, recon_unmoved, imaging_info)
+
+
+def _mu(phantom, phantom_geometry: Geometry, grid: Geometry, scanner, to_anatomy) -> np.ndarray:
+    """The patient's attenuation (1/cm at the photopeak) on ``grid`` of the SPECT frame: what the photons cross."""
+    from .scanner import hu_to_mu
+    hu = resample(phantom.hu.astype(np.float32), phantom_geometry, grid, displacement=to_anatomy, fill=-1000.0)
+    return hu_to_mu(hu, scanner.energy_kev, scanner.ct_kvp)
+
+
+def _mu_of_ct(ct, ct_geometry: Geometry, grid: Geometry, scanner) -> np.ndarray:
+    """The attenuation map a scanner reconstructs with: its CT on the SPECT grid (with any SPECT/CT offset)."""
+    from .scanner import hu_to_mu
+    hu = resample(np.asarray(ct, np.float32), ct_geometry, grid, fill=-1000.0)
+    return hu_to_mu(hu, scanner.energy_kev, scanner.ct_kvp)
 
 
 def time_tag(hours: float) -> str:
@@ -251,6 +302,11 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
         write_image(plan.path(entry["ct"]), series.ct[i], series.ct_geometry[i])
         write_image(plan.path(entry["spect"]), series.spect[i], series.spect_geometry[i])
         write_image(plan.path(entry["truth"]["activity"]), series.truth_activity[i], ref_g)
+        if series.truth_recon_unmoved:
+            entry["truth"]["recon_unmoved"] = f"truth/recon_unmoved_{tag}.nii.gz"
+            write_image(plan.path(entry["truth"]["recon_unmoved"]), series.truth_recon_unmoved[i], ref_g)
+        if series.imaging_info:
+            entry["imaging"] = series.imaging_info[i]
         if i in series.truth_field_ct:
             entry["truth"]["field_ct"] = f"truth/field_ct_{tag}.nrrd"
             entry["truth"]["field_spect"] = f"truth/field_spect_{tag}.nrrd"
@@ -286,8 +342,7 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
             "region_curves": {names.get(k, str(k)): c.to_dict() for k, c in series.curves.items()
                               if c.amplitude_bq_per_ml > 0},
         },
-        "imaging": {"spect_fwhm_mm": round(series.spect_fwhm_mm, 3), "counts_per_mbq_s": cfg.counts_per_mbq_s,
-                    "acquisition_s": cfg.acquisition_s, "ct_noise_hu": cfg.ct_noise_hu},
+        "imaging": _imaging_record(series),
         "grids": {"ct": [g.to_dict() for g in series.ct_geometry],
                   "spect": [g.to_dict() for g in series.spect_geometry]},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -317,6 +372,25 @@ def _listed_files(manifest: dict) -> list:
     return names
 
 
+def _imaging_record(series: SimulatedSeries) -> dict:
+    """How the SPECT was imaged, for the manifest: the Gaussian model's FWHM and counts, or the scanner's
+    settings and calibration (Bq/mL = reconstruction / calibration * 1e6 / voxel volume)."""
+    cfg = series.config
+    if cfg.imaging != "scanner":
+        return {"mode": "gaussian", "spect_fwhm_mm": round(series.spect_fwhm_mm, 3),
+                "counts_per_mbq_s": cfg.counts_per_mbq_s, "acquisition_s": cfg.acquisition_s,
+                "ct_noise_hu": cfg.ct_noise_hu}
+    scanner = cfg.scanner_config()
+    first = series.imaging_info[0] if series.imaging_info else {}
+    return {"mode": "scanner", "scanner": scanner.to_dict(), "acquisition_s": scanner.acquisition_s,
+            "reconstruction": f"OSEM {scanner.osem_iterations} iterations x {scanner.osem_subsets} subsets, "
+                              "attenuation correction from the session CT"
+                              + (", resolution modelling" if scanner.resolution_modelling else ""),
+            "calibration_counts_per_mbq_per_view": first.get("calibration_counts_per_mbq_per_view"),
+            "fwhm_mm_at_100mm": first.get("fwhm_mm_at_100mm"), "scatter": "not simulated",
+            "ct_noise_hu": cfg.ct_noise_hu, "truth_recon_unmoved": bool(series.truth_recon_unmoved)}
+
+
 def series_outputs(cfg: SimulationConfig, out_dir) -> OutputSet:
     """Every file :func:`write_series` writes for ``cfg`` (and a preview), plus those an earlier series in
     the folder listed, so that ``overwrite`` replaces the whole earlier series. A folder holding files
@@ -327,6 +401,8 @@ def series_outputs(cfg: SimulationConfig, out_dir) -> OutputSet:
     for i, t_h in enumerate(cfg.times_h):
         tag = time_tag(t_h)
         names += [f"ct_{tag}.nii.gz", f"spect_{tag}.nii.gz", f"truth/activity_{tag}.nii.gz"]
+        if cfg.imaging == "scanner" and cfg.scanner_truth_recon:
+            names.append(f"truth/recon_unmoved_{tag}.nii.gz")
         if i != cfg.reference_index:
             names += [f"truth/field_ct_{tag}.nrrd", f"truth/field_spect_{tag}.nrrd"]
     old = out / MANIFEST_NAME
