@@ -129,3 +129,32 @@ def test_importing_the_extra_keeps_the_warning_filters():
         return done.stdout.strip().splitlines()[-1]
     assert run("import pytomography") == "False"               # what the bare import does
     assert run("scanner.load_pytomography()") == "True"
+
+
+def test_a_scanner_series_is_written_with_its_truth_and_reuses_its_cache(tmp_path):
+    """The simulator's scanner mode on a coarse grid: SPECT in Bq/mL near the activity it images, the unmoved
+    activity imaged as truth, the settings in series.json; a cached run gives the same series."""
+    import json
+
+    from CoRXRegistrationLib.series_io import read_series
+    from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series, write_series
+    cfg = SimulationConfig.preset("small", seed=3, times_h=(4.0, 24.0), spect_shape_zyx=(20, 24, 24),
+                                  spect_spacing_mm=14.0, imaging="scanner", n_tumours=1,
+                                  scanner={"views": 8, "osem_subsets": 2, "osem_iterations": 2,
+                                           "seconds_per_view": 225.0})
+    cache = tmp_path / "cache"
+    series = simulate_series(cfg, scanner_cache=cache)
+    again = simulate_series(cfg, scanner_cache=cache)
+    assert all(np.array_equal(a, b) for a, b in zip(series.spect, again.spect))
+    assert all(np.array_equal(a, b) for a, b in zip(series.truth_recon_unmoved, again.truth_recon_unmoved))
+    assert len(list(cache.glob("*/*.npz"))) == 4                       # 2 sessions + 2 unmoved images
+    for spect, truth, info in zip(series.spect, series.truth_activity, series.imaging_info):
+        v = series.reference_spect_geometry.voxel_volume_ml
+        assert spect.sum() * v == pytest.approx(truth.sum() * v, rel=0.25)   # coarse, attenuated, 2 iterations
+        assert info["total_counts"] > 1e5
+    write_series(series, tmp_path / "series")
+    manifest = json.loads((tmp_path / "series" / "series.json").read_text())
+    assert manifest["imaging"]["mode"] == "scanner" and manifest["imaging"]["scanner"]["views"] == 8
+    assert manifest["time_points"][1]["truth"]["recon_unmoved"] == "truth/recon_unmoved_024h.nii.gz"
+    assert (tmp_path / "series" / "truth" / "recon_unmoved_024h.nii.gz").is_file()
+    assert read_series(tmp_path / "series").hours == [4.0, 24.0]

@@ -285,8 +285,42 @@ def _cmd_evaluate(args) -> int:
                                 protocols=dict(PROTOCOL_SITES[site] for site in args.protocols), models=models,
                                 preset=args.preset, elastix_iterations=args.elastix_iterations,
                                 refine_iterations=args.refine, device=args.device, methods=args.methods,
-                                resume=not args.fresh)
+                                resume=not args.fresh, imaging=args.imaging,
+                                scanner_cache=args.scanner_cache if args.imaging == "scanner" else None)
     print(result["markdown"])
+    return 0
+
+
+VALIDATION_DIR = Path("output") / "validation-scanner"
+
+
+def _cmd_simulate_validation(args) -> int:
+    """The fixed validation series of `corx evaluate` (held-out seeds and patient15, both protocols), simulated
+    once into OUT/<protocol>_<anatomy>_<seed>/ with the reconstructions kept in OUT/cache/; resumable."""
+    import shutil
+
+    from .evaluation import PROTOCOL_SITES
+    from .simulation import SimulationConfig, simulate_series, write_series
+    out = Path(args.out)
+    items = [(site, "procedural", seed) for site in args.protocols for seed in args.seeds]
+    items += [] if args.no_patient15 else [(site, "patient15", 0) for site in args.protocols]
+    t_all = time.perf_counter()
+    for n, (site, anatomy, seed) in enumerate(items, start=1):
+        folder = out / f"{site}_{anatomy}_{seed}"
+        if (folder / "series.json").is_file():
+            print(f"[{n}/{len(items)}] {folder.name}: done earlier")
+            continue
+        cfg = SimulationConfig.preset(args.preset, seed=seed, anatomy=anatomy, times_h=PROTOCOL_SITES[site][1],
+                                      imaging=args.imaging)
+        t0 = time.perf_counter()
+        series = simulate_series(cfg, progress=TerminalProgress(f"[{n}/{len(items)}] {folder.name}"),
+                                 scanner_cache=out / "cache")
+        partial = out / f".partial-{folder.name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_series(series, partial)
+        partial.replace(folder)
+        print(f"[{n}/{len(items)}] {folder.name}: {time.perf_counter() - t0:.0f} s")
+    print(f"{len(items)} validation series in {out} ({time.perf_counter() - t_all:.0f} s this run)")
     return 0
 
 
@@ -402,6 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the earlier result set in --out (all of it: no stale dose or VOI table is kept)")
     _add_allow(t)
     t.set_defaults(func=_cmd_tia)
+
+    sv = sub.add_parser("simulate-validation", help="the fixed validation series (held-out seeds, patient15, both "
+                                                    "protocols), e.g. in scanner imaging; resumable, for evaluate")
+    sv.add_argument("--out", default=str(VALIDATION_DIR), help="folder of the series and their cache/ "
+                                                               "(default output/validation-scanner)")
+    sv.add_argument("--imaging", choices=["gaussian", "scanner"], default="scanner", help="as for simulate")
+    sv.add_argument("--seeds", type=int, nargs="+", default=[5000, 5001, 5002],
+                    help="held-out procedural patients (default 5000 5001 5002, as corx evaluate)")
+    sv.add_argument("--protocols", nargs="+", choices=["snuh", "smc"], default=["snuh", "smc"],
+                    help="the paper's time-point protocols (as for evaluate)")
+    sv.add_argument("--no-patient15", action="store_true", help="leave out the patient15-anatomy series")
+    sv.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
+    sv.set_defaults(func=_cmd_simulate_validation)
 
     d = sub.add_parser("demo", help="the main job on a simulated patient, end to end, into an output folder")
     d.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
@@ -542,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "5 refinement iterations")
     ev.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD",
                     help="a subset (default: every available): " + ", ".join(ROW_ORDER))
+    ev.add_argument("--imaging", choices=["gaussian", "scanner"], default="gaussian",
+                    help="simulated SPECT: gaussian (image-space blur, fast) or scanner (projection + OSEM; "
+                         "reconstructions reused from --scanner-cache)")
+    ev.add_argument("--scanner-cache", default=str(VALIDATION_DIR / "cache"),
+                    help="reconstructions of the scanner imaging, filled by corx simulate-validation "
+                         "(default output/validation-scanner/cache)")
     ev.add_argument("--fresh", action="store_true",
                     help="measure every field again (default: reuse the fields of 30 s or more, e.g. Elastix's, that "
                          "an interrupted run with the same settings left in OUT/resume/)")

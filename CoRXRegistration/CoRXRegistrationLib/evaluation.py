@@ -552,10 +552,13 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
 
 def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, protocols=None, models=None,
                    preset: str = "clinical", elastix_iterations: int = 1000, refine_iterations: int = 20,
-                   methods=None, device: str = "auto", log=print, resume: bool = True) -> dict:
+                   methods=None, device: str = "auto", log=print, resume: bool = True, imaging: str = "gaussian",
+                   scanner_cache=None) -> dict:
     """The whole comparison; writes report.md, pairs.csv, tia.csv and report.json into ``out_dir``.
     ``resume``: slow fields (Elastix) are kept in ``out_dir/resume/`` and reused by a run with the same
-    settings, so the full run can be continued after an interruption."""
+    settings, so the full run can be continued after an interruption. ``imaging``: how the simulated SPECT
+    is made ("scanner": projection + OSEM, its reconstructions kept in ``scanner_cache``, e.g. the folder
+    ``corx simulate-validation`` fills)."""
     import json
 
     from .simulation import SimulationConfig, simulate_series
@@ -580,10 +583,12 @@ def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, pr
     pair_rows, tia_rows, figures = [], [], []
     for proto_name, times in protocols.items():
         for dataset, anatomy, seed in datasets:
-            series = simulate_series(SimulationConfig.preset(preset, seed=int(seed), anatomy=anatomy, times_h=times))
+            series = simulate_series(SimulationConfig.preset(preset, seed=int(seed), anatomy=anatomy, times_h=times,
+                                                             imaging=imaging), scanner_cache=scanner_cache)
             name = f"{dataset}, {proto_name}"
             hours = "_".join(f"{t:g}".replace(".", "p") for t in times)
-            slug = "".join(c if c.isalnum() else "_" for c in f"{anatomy}_{seed}_{len(times)}tp_{hours}")
+            mode = "scanner_" if imaging == "scanner" else ""
+            slug = "".join(c if c.isalnum() else "_" for c in f"{mode}{anatomy}_{seed}_{len(times)}tp_{hours}")
             resume_dir = out / "resume" / slug if settings else None
             p, t = evaluate_series(series, runner, methods, cfg, name, log=log,
                                    figure_path=out / f"figure_{slug}.png", resume_dir=resume_dir,
@@ -597,7 +602,8 @@ def run_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, pr
         itk_threads = f", ITK (Elastix) {set_threads(None)} threads"
     report = ["# CoRX evaluation", "",
               f"Methods run side by side in one process on the same pairs; seeds {list(seeds)}"
-              f"{' + patient15' if patient15 else ''}; preset {preset}; Elastix {elastix_iterations} iterations; "
+              f"{' + patient15' if patient15 else ''}; preset {preset}; SPECT imaging {imaging}; "
+              f"Elastix {elastix_iterations} iterations; "
               f"refinement {refine_iterations} iterations; torch {torch.__version__}, {torch.get_num_threads()} threads"
               f"{itk_threads}.", "", "| row | what it is |", "|---|---|",
               *(f"| `{m}` | {ROWS[m]} |" for m in methods), "",

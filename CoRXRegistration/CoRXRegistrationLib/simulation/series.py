@@ -156,8 +156,10 @@ def build_phantom(cfg: SimulationConfig, rng) -> A.Phantom:
     raise ValueError(f"unknown anatomy {cfg.anatomy!r} (use 'procedural' or 'patient15')")
 
 
-def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
-    """Simulate one patient's serial SPECT/CT series with ground truth (deterministic per seed)."""
+def simulate_series(cfg: SimulationConfig, progress=None, scanner_cache=None) -> SimulatedSeries:
+    """Simulate one patient's serial SPECT/CT series with ground truth (deterministic per seed).
+    ``scanner_cache``: a folder where scanner-mode reconstructions are kept and reused (they take minutes;
+    each has its own random stream, so a cached one gives the series a fresh run would)."""
     cfg.validate()
     progress = progress or (lambda fraction, text: None)
     rng = np.random.default_rng(cfg.seed)
@@ -199,6 +201,8 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
     cts, spects, activities, fields_ct, fields_spect, session_labels = [], [], [], {}, {}, []
     recon_unmoved, imaging_info = [], []
     scanner = cfg.scanner_config() if cfg.imaging == "scanner" else None
+    if scanner is not None:
+        from .scanner import image_spect
     t_ct = t_spect = 0.0
     for i, t_h in enumerate(cfg.times_h):
         progress(0.1 + 0.8 * i / n, f"time point {t_h:g} h")
@@ -217,11 +221,11 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
             spects.append(render_spect(emission, egrid.geometry, sp_g, to_anatomy, rng,
                                        cfg.counts_per_mbq_s, cfg.acquisition_s))
         else:
-            from .scanner import image_spect
             emission = blur(act, egrid.geometry, 0.0, m.spect_breathing_blur_mm)     # breathing during the scan
             body = np.clip(resample(emission, egrid.geometry, sp_g, displacement=to_anatomy), 0.0, None)
-            spect, info = image_spect(body, _mu(phantom, pg, sp_g, scanner, to_anatomy), sp_g, scanner, rng,
-                                      mu_recon_per_cm=_mu_of_ct(cts[-1], ct_g, sp_g, scanner))
+            spect, info = _cached(scanner_cache, cfg, f"session_{i}", lambda: image_spect(
+                body, _mu(phantom, pg, sp_g, scanner, to_anatomy), sp_g, scanner, np.random.default_rng([cfg.seed, 26, i]),
+                mu_recon_per_cm=_mu_of_ct(cts[-1], ct_g, sp_g, scanner)))
             spects.append(spect)
             imaging_info.append(info)
         session_labels.append(resample(phantom.labels, pg, sp_g, displacement=to_anatomy, mode="nearest"))
@@ -232,14 +236,14 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
         t_ct += tb - ta
         t_spect += time.perf_counter() - tb
     if scanner is not None and cfg.scanner_truth_recon:        # what the scanner shows of the unmoved activity
-        from .scanner import image_spect
         ta = time.perf_counter()
         mu_true = _mu(phantom, pg, ref_spect_g, scanner, to_anatomy_ref_spect)
         mu_ct = _mu_of_ct(cts[ref], ref_ct_g, ref_spect_g, scanner)
         for i, t_h in enumerate(cfg.times_h):
             progress(0.85, f"unmoved activity imaged, {t_h:g} h")
-            recon_unmoved.append(image_spect(activities[i], mu_true, ref_spect_g, scanner, rng,
-                                             mu_recon_per_cm=mu_ct)[0])
+            recon_unmoved.append(_cached(scanner_cache, cfg, f"unmoved_{i}", lambda i=i: image_spect(
+                activities[i], mu_true, ref_spect_g, scanner, np.random.default_rng([cfg.seed, 27, i]),
+                mu_recon_per_cm=mu_ct))[0])
         t_spect += time.perf_counter() - ta
     timing["ct"], timing["spect"] = t_ct, t_spect
 
@@ -263,6 +267,31 @@ def simulate_series(cfg: SimulationConfig, progress=None) -> SimulatedSeries:
     return SimulatedSeries(cfg, phantom, cts, [g[0] for g in grids], spects, [g[1] for g in grids], motions,
                            fields_ct, fields_spect, activities, truth_tia, truth_tia_psf, labels_spect, labels_ct,
                            curves, voi_truth, fwhm, timing, session_labels, recon_unmoved, imaging_info)
+
+
+def scanner_cache_key(cfg: SimulationConfig) -> str:
+    """The cache folder name of a configuration's scanner reconstructions (every setting that shapes them)."""
+    import hashlib
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("patient15_zip", "scanner_truth_recon")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    return f"{cfg.anatomy}-{cfg.seed}-{digest}"
+
+
+def _cached(cache, cfg: SimulationConfig, name: str, compute) -> tuple:
+    """(image, info) of ``compute()``, kept in ``cache/<key>/<name>.npz`` (written atomically) when a cache is given."""
+    if cache is None:
+        return compute()
+    folder = Path(cache) / scanner_cache_key(cfg)
+    path = folder / f"{name}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return data["image"], json.loads(str(data["info"]))
+    image, info = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.partial.npz"
+    np.savez(tmp, image=image, info=json.dumps(info))
+    tmp.replace(path)
+    return image, info
 
 
 def _mu(phantom, phantom_geometry: Geometry, grid: Geometry, scanner, to_anatomy) -> np.ndarray:
