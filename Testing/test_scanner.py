@@ -158,3 +158,30 @@ def test_a_scanner_series_is_written_with_its_truth_and_reuses_its_cache(tmp_pat
     assert manifest["time_points"][1]["truth"]["recon_unmoved"] == "truth/recon_unmoved_024h.nii.gz"
     assert (tmp_path / "series" / "truth" / "recon_unmoved_024h.nii.gz").is_file()
     assert read_series(tmp_path / "series").hours == [4.0, 24.0]
+
+
+def test_the_iec_phantom_has_its_volumes_and_images_like_a_patient():
+    """The IEC body phantom: sphere volumes by voxel occupancy within 3 % of pi d^3 / 6, body and lung as drawn;
+    imaged by the scanner chain on a coarse grid, the background reads its concentration and the sphere
+    recovery grows with the diameter."""
+    from CoRXRegistrationLib.simulation.iec_phantom import (SPHERE_DIAMETERS_MM, IECPhantom, image_phantom,
+                                                             occupancy, phantom_grid)
+    phantom = IECPhantom(background_bq_per_ml=20e3, ratio=8.0)
+    fine = phantom_grid(2.5, 128)
+    occ = occupancy(phantom, fine)
+    for d in SPHERE_DIAMETERS_MM:
+        assert occ[f"sphere_{d:g}mm"].sum() * fine.voxel_volume_ml == pytest.approx(math.pi / 6 * d ** 3 / 1000, rel=0.03)
+    assert occ["lung"].sum() * fine.voxel_volume_ml == pytest.approx(math.pi * 25.5 ** 2 * 180 / 1000, rel=0.02)
+    area = (math.pi * 147 ** 2 / 2 + 2 * 147 * 77 - 2 * (77 ** 2 - math.pi * 77 ** 2 / 4)) / 100   # cm^2
+    assert occ["body"].sum() * fine.voxel_volume_ml == pytest.approx(area * 18.0, rel=0.02)
+    coarse = phantom_grid(8.84, 48)
+    done = image_phantom(phantom, coarse, "scanner", scanner={"views": 30, "osem_subsets": 5,
+                                                              "seconds_per_view": 60.0})
+    spect, occ = done["spect"], done["occupancy"]
+    spheres = sum(occ[f"sphere_{d:g}mm"] for d in SPHERE_DIAMETERS_MM)
+    background = (occ["body"] == 1) & (occ["lung"] == 0) & (spheres == 0)
+    zz = np.nonzero(background.any(axis=(1, 2)))[0]
+    far = background & (np.arange(coarse.shape[0])[:, None, None] < zz.min() + 6)      # away from the spheres
+    assert float(spect[far].mean()) == pytest.approx(20e3, rel=0.10)
+    rc = [float(spect[occ[f"sphere_{d:g}mm"] >= 0.5].mean()) / 160e3 for d in SPHERE_DIAMETERS_MM[3:]]
+    assert rc[0] < rc[1] < rc[2] < 1.1
