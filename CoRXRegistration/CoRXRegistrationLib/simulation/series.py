@@ -254,6 +254,9 @@ def simulate_series(cfg: SimulationConfig, progress=None, scanner_cache=None) ->
     truth_tia = resample(tia_em, egrid.geometry, ref_spect_g, displacement=to_anatomy_ref_spect)
     truth_tia_psf = resample(blur(tia_em, egrid.geometry, fwhm), egrid.geometry, ref_spect_g,
                              displacement=to_anatomy_ref_spect)
+    if recon_unmoved:             # scanner mode: what ideal registration gives with this imaging, fitted alike
+        from TIAMappingLib.voxel_tia import compute_voxel_tia
+        truth_tia_psf = compute_voxel_tia(recon_unmoved, list(cfg.times_h)).tia.astype(np.float32)
     labels_spect = resample(phantom.labels, pg, ref_spect_g, displacement=to_anatomy_ref_spect, mode="nearest")
     labels_ct = resample(phantom.labels, pg, ref_ct_g, mode="nearest")
     voi_truth = {}
@@ -363,6 +366,8 @@ def write_series(series: SimulatedSeries, out_dir, overwrite: bool = False) -> P
         "truth": {
             "frame": "reference SPECT grid (fields, activity, TIA, labels_spect); reference CT grid (labels_ct)",
             "tia": "truth/tia.nii.gz", "tia_psf": "truth/tia_psf.nii.gz",
+            "tia_psf_is": ("the voxel TIA of the unmoved activity's reconstructions (recon_unmoved)"
+                           if series.truth_recon_unmoved else "the true TIA blurred by the Gaussian SPECT resolution"),
             "labels_spect": "truth/labels_spect.nii.gz", "labels_ct": "truth/labels_ct.nii.gz",
             "segmentation": "truth/segmentation.seg.nrrd",
             "label_names": {str(k): names.get(k, f"label_{k}") for k in present},
