@@ -66,4 +66,6 @@ def test_batch_processes_every_patient_and_reports_failures(small_series_dir, tm
     assert tg.same_grid(spect_g) and tia.max() > 0
     voi = (p1 / "voi.csv").read_text().splitlines()
     assert len(voi) > 3 and "liver" in "".join(voi)
+    as_json = json.loads((p1 / "voi.json").read_text())
+    assert as_json["units"]["tia"] == "MBq*h" and len(as_json["vois"]) == len(voi) - 1
     assert "spect_lncc" in (p1 / "registration_qa.csv").read_text()

@@ -94,3 +94,29 @@ def test_counts_without_calibration_end_the_command_with_a_message(small_series_
     assert not (tmp_path / "o" / "tia" / "tia.nii.gz").exists()
     assert main(["export-dicom", str(small_series_dir), "--out", str(tmp_path / "d")]) == 2   # no silent overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_register_takes_dicom_series_folders(dicom_runs, tmp_path):
+    """`corx register` with each volume given as a DICOM series folder (counts converted with --calibration)
+    writes the pair's files on the reference SPECT grid."""
+    import shutil
+
+    import pydicom
+    src = dicom_runs / "dicom_cnts"
+    folders = {}
+    for f in sorted(src.rglob("IM*")):
+        h = pydicom.dcmread(str(f), stop_before_pixels=True)
+        key = (f.parent.name, "ct" if h.Modality == "CT" else "spect")
+        dest = tmp_path / "in" / f"{key[0]}_{key[1]}"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest / f.name)
+        folders[key] = dest
+    out = tmp_path / "reg"
+    assert main(["register", "--fixed-ct", str(folders["session_4h", "ct"]), "--fixed-spect",
+                 str(folders["session_4h", "spect"]), "--moving-ct", str(folders["session_24h", "ct"]),
+                 "--moving-spect", str(folders["session_24h", "spect"]), "--calibration",
+                 str(src / "calibration.json"), "--out", str(out), "--device", "cpu"]) == 0
+    field, g = read_displacement_field(out / "field_spect.nrrd")
+    _, ref_g = read_image(dicom_runs / "out_cnts" / "tia" / "tia.nii.gz")
+    assert g.same_grid(ref_g) and np.isfinite(field).all()

@@ -160,13 +160,16 @@ def _cmd_model_info(args) -> int:
 def _cmd_register(args) -> int:
     from .engine import register, registration_outputs, write_registration
     from .network.spect_offset import SpectOffsetConfig
-    from .series_io import read_sessions
+    from .series_io import read_sessions, volume_source
 
     allow = _allow(args)
-    inputs = [args.fixed_ct, args.fixed_spect, args.moving_ct, args.moving_spect]
+    options = _series_options(args)
+    sources = [volume_source(p, kind, options["calibration"], options["injection"])
+               for p, kind in ((args.fixed_ct, "ct"), (args.fixed_spect, "spect"), (args.moving_ct, "ct"),
+                               (args.moving_spect, "spect"))]
+    inputs = [f for s in sources for f in (s.files if hasattr(s, "files") else [s])]
     plan = registration_outputs(args.out, protected=inputs).prepare(args.overwrite)     # before any work
-    fixed, moving = read_sessions([(args.fixed_ct, args.fixed_spect, "fixed"),
-                                   (args.moving_ct, args.moving_spect, "moving")])
+    fixed, moving = read_sessions([(sources[0], sources[1], "fixed"), (sources[2], sources[3], "moving")])
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
                       progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None,
                       spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift), allow=allow,
@@ -514,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register a moving SPECT/CT onto a fixed SPECT/CT with a CoRX model")
     for name, what in (("fixed-ct", "the reference CT (HU)"), ("fixed-spect", "the reference SPECT (Bq/mL)"),
                        ("moving-ct", "the CT to align (HU)"), ("moving-spect", "the SPECT to align (Bq/mL)")):
-        r.add_argument(f"--{name}", required=True, help=f"{what}: NIfTI, NRRD or MHA")
+        r.add_argument(f"--{name}", required=True, help=f"{what}: NIfTI, NRRD, MHA, or a DICOM series (file or "
+                                                        "folder)")
     r.add_argument("--out", required=True, help="output folder: fields (LPS mm), warped volumes, Jacobian, metrics")
     r.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -530,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warp the moving CT onto the fixed CT's own grid (full resolution, ~10 MB more per pair); "
                         "default: onto the fixed SPECT grid, the grid of the dosimetry")
     r.add_argument("--overwrite", action="store_true", help="replace the earlier result set in --out")
+    _add_dicom_options(r)
     _add_allow(r)
     r.set_defaults(func=_cmd_register)
 

@@ -47,8 +47,6 @@ class DicomSource:
             return volume.values, volume.geometry
         if self.series.modality not in SPECT_MODALITIES:
             raise DicomError(f"{self.series.label} is named as a SPECT but its modality is {self.series.modality}")
-        if self.hours is None:
-            raise DicomError(f"{self.series.label}: hours after injection unknown")
         values, info = spect_to_bq_per_ml(volume, self.hours, self.calibration)
         self.provenance.update(info)
         return values, volume.geometry

@@ -176,7 +176,7 @@ def check_quantitative(header, units: str | None, calibration, label: str) -> tu
     return units, entry, t_acq
 
 
-def spect_to_bq_per_ml(volume: DicomVolume, hours_after_injection: float, calibration=()) -> tuple:
+def spect_to_bq_per_ml(volume: DicomVolume, hours_after_injection: float | None, calibration=()) -> tuple:
     """(values in Bq/mL at acquisition start, float32; provenance dict). ``calibration``: entries
     (:func:`calibration_entries`), needed for CNTS/CPS."""
     header, label = volume.series.header, volume.series.label
@@ -195,6 +195,9 @@ def spect_to_bq_per_ml(volume: DicomVolume, hours_after_injection: float, calibr
     if decay == "START":
         info["decay"] = "already at acquisition start: not corrected again"
     elif decay == "ADMIN":
+        if hours_after_injection is None:
+            raise DicomError(f"{label}: values are decay-corrected to the administration (DecayCorrection ADMIN) "
+                             "but the injection time is unknown; give it (--injection)")
         factor *= math.exp(-lam * hours_after_injection * 3600.0)
         info["decay"] = (f"corrected to the administration by the vendor: x exp(-lambda * {hours_after_injection:g} h)"
                          " back to acquisition start")

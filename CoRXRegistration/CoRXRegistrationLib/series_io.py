@@ -102,6 +102,26 @@ def read_source(source) -> tuple:
     return source.read() if hasattr(source, "read") else read_image(source)
 
 
+def volume_source(path, kind: str, calibration=None, injection=None):
+    """What a command reads for one volume: an image file as it is, or a DICOM file / folder of one series as a
+    :class:`~CoRXRegistrationLib.dicom_series.DicomSource` (a SPECT with the hours of its own header where it
+    states the injection, needed only for values decay-corrected to the administration)."""
+    from .dicom_read import is_dicom_file
+    p = Path(path)
+    if not (p.is_dir() or is_dicom_file(p)):
+        return p
+    from .dicom_series import DicomSource, single_series
+    from .dicom_times import DicomTimeError, hours_after_injection, timing_from_dataset
+    series = single_series(p, kind)
+    hours = None
+    if kind == "spect":
+        try:
+            hours = hours_after_injection({series.uid: timing_from_dataset(series.header)}, injection)[0][series.uid]
+        except DicomTimeError:
+            hours = None
+    return DicomSource(series, kind, hours, calibration or ())
+
+
 def find_manifest(path) -> Path:
     p = Path(path)
     if p.is_dir():

@@ -80,7 +80,8 @@ def patient_outputs(manifest, out: Path):
     names = [name.format(tags[i]) for i in range(len(manifest.hours)) if i != manifest.reference_index
              for name in ("transform_{}.nrrd", "spect_{}_deformed.nrrd", "ct_{}_deformed.nrrd", "jacobian_{}.nrrd",
                           "deformation_rgb_{}.nrrd")]
-    names += ["registration_qa.csv", "tia.nrrd", "fit_rmse.nrrd", "fit_model.nrrd", "dose.nrrd", "voi.csv"]
+    names += ["registration_qa.csv", "tia.nrrd", "fit_rmse.nrrd", "fit_model.nrrd", "dose.nrrd", "voi.csv",
+              "voi.json"]
     from CoRXRegistrationLib.dosimetry import dicom_output_names
     names += [f"dicom/{name}" for name in dicom_output_names(manifest)]
     return OutputSet(out, names, inputs=manifest.input_files())
@@ -128,7 +129,14 @@ def process_patient(manifest, out, model: str, device: str, log, allow=()) -> di
         if key in maps:
             written.append(reg.saveNode(maps[key], out.path(f"{key}.nrrd")))
     if maps["voi_rows"]:
+        import json
+
+        from CoRXRegistrationLib.outputs import write_text
         written.append(reg.saveNode(reg.addTableNode(maps["voi_rows"], "VOI results"), out.path("voi.csv")))
+        written.append(write_text(out.path("voi.json"), json.dumps(
+            {"units": {"volume_ml": "mL", "tia": "MBq*h", "dose": "Gy", "activity": "MBq"},
+             "times_h": list(manifest.hours), "reference_h": manifest.hours[ref], "vois": maps["voi_rows"]},
+            indent=2, default=float)))
     from CoRXRegistrationLib.dosimetry import dicom_output_names, write_dicom_results
     if dicom_output_names(manifest):
         import slicer
