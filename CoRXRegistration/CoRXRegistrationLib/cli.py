@@ -398,6 +398,11 @@ def _threads_line() -> str:
     return f"{threads_in_use()}, {os.cpu_count()} cores"
 
 
+def _add_model_options(parser) -> None:
+    parser.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+
+
 def _add_dicom_options(parser) -> None:
     parser.add_argument("--injection", help="DICOM input: injection date and time (YYYY-MM-DD HH:MM), overriding the "
                                             "headers' radiopharmaceutical start")
@@ -505,8 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural",
                    help="procedural anatomy or the real patient15 anatomy (validation only)")
     d.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
-    d.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
-    d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_model_options(d)
     _add_allow(d)
     d.set_defaults(func=_cmd_demo)
 
@@ -520,8 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(f"--{name}", required=True, help=f"{what}: NIfTI, NRRD, MHA, or a DICOM series (file or "
                                                         "folder)")
     r.add_argument("--out", required=True, help="output folder: fields (LPS mm), warped volumes, Jacobian, metrics")
-    r.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_model_options(r)
     r.add_argument("--refine", type=int, default=0, help="instance-optimisation iterations after the network")
     r.add_argument("--no-spect-offset", action="store_true",
                    help="do not fit the SPECT/CT offset and organ shift: the SPECT follows the CT-driven field "
@@ -543,8 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("series", help="a series.json (format corx-series/1) or its folder")
     rs.add_argument("--out", required=True, help="output folder: t<hours>h/ per moving time point (as register "
                                                  "writes), registration_qa.json")
-    rs.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
-    rs.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_model_options(rs)
     rs.add_argument("--no-spect-offset", action="store_true", help="as for register")
     rs.add_argument("--no-organ-shift", action="store_true", help="as for register")
     rs.add_argument("--network-field", action="store_true", help="as for register")
@@ -559,8 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     do.add_argument("series", help="a series.json, its folder, or a folder of one patient's DICOM files")
     do.add_argument("--out", required=True, help="output folder: registration/, tia/, dicom/, dosimetry.json")
     do.add_argument("--segmentation", help="label map or .seg.nrrd for the VOI table (default: the manifest's)")
-    do.add_argument("--model", default="bundled", help="'bundled' or a checkpoint path")
-    do.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_model_options(do)
     do.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
     _add_dicom_options(do)
     _add_allow(do)

@@ -93,15 +93,10 @@ def load_pytomography():
                                  f"pip install 'corx[scanner]' ({exc})") from None
     finally:
         warnings.filters[:] = filters
-    pytomography.device = "cpu" if not _cuda() else pytomography.device
+    pytomography.device = "cpu"              # CoRX hands it CPU tensors (a GPU would speed it up; not wired yet)
     return {"pytomography": pytomography, "OSEM": OSEM, "psf_meta": get_psfmeta_from_scanner_params,
             "likelihood": PoissonLogLikelihood, "object_meta": SPECTObjectMeta, "proj_meta": SPECTProjMeta,
             "system_matrix": SPECTSystemMatrix, "attenuation": SPECTAttenuationTransform, "psf": SPECTPSFTransform}
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def scanner_available() -> bool:
