@@ -114,6 +114,20 @@ def sessions_of(images: list, max_ct_gap_h: float = 2.0) -> list:
     return pairs
 
 
+def series_hours(series: list, injection=None) -> tuple:
+    """({series UID: hours after injection} for the SPECTs among ``series`` (CTs are put on their clock),
+    injection datetime), by :func:`~CoRXRegistrationLib.dicom_times.hours_after_injection`; its messages name
+    each series by its label instead of its UID."""
+    try:
+        hours, start, _ = hours_after_injection({s.uid: timing_from_dataset(s.header) for s in series}, injection)
+    except DicomTimeError as exc:
+        message = str(exc)
+        for s in series:
+            message = message.replace(repr(s.uid), s.label)
+        raise DicomTimeError(message) from None
+    return hours, start
+
+
 def series_from_dicom(folder, injection=None, calibration=(), max_ct_gap_h: float = 2.0, images=None) -> dict:
     """{"patient_id", "hours", "ct", "spect" (lists of :class:`DicomSource` in time order), "injection",
     "notes"} from a folder of one patient's DICOM files (or the ``images`` of one patient)."""
@@ -127,17 +141,7 @@ def series_from_dicom(folder, injection=None, calibration=(), max_ct_gap_h: floa
     if len(pairs) < 2:
         raise DicomError(f"a series needs at least 2 SPECT/CT sessions, found {len(pairs)}: "
                          + "; ".join(s.label for pair in pairs for s in pair))
-    timings = {}
-    for ct, spect in pairs:
-        timings[spect.uid], timings[ct.uid] = timing_from_dataset(spect.header), timing_from_dataset(ct.header)
-    try:
-        hours, start, _ = hours_after_injection(timings, injection)
-    except DicomTimeError as exc:
-        labels = {s.uid: s.label for pair in pairs for s in pair}
-        message = str(exc)
-        for uid, label in labels.items():
-            message = message.replace(repr(uid), label)
-        raise DicomTimeError(message) from None
+    hours, start = series_hours([s for pair in pairs for s in pair], injection)
     pairs.sort(key=lambda p: hours[p[1].uid])
     h = [round(hours[s.uid], 4) for _, s in pairs]
     for a, b in zip(h, h[1:]):

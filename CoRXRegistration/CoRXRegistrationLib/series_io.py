@@ -110,13 +110,13 @@ def volume_source(path, kind: str, calibration=None, injection=None):
     p = Path(path)
     if not (p.is_dir() or is_dicom_file(p)):
         return p
-    from .dicom_series import DicomSource, single_series
-    from .dicom_times import DicomTimeError, hours_after_injection, timing_from_dataset
+    from .dicom_series import DicomSource, series_hours, single_series
+    from .dicom_times import DicomTimeError
     series = single_series(p, kind)
     hours = None
     if kind == "spect":
         try:
-            hours = hours_after_injection({series.uid: timing_from_dataset(series.header)}, injection)[0][series.uid]
+            hours = series_hours([series], injection)[0][series.uid]
         except DicomTimeError:
             hours = None
     return DicomSource(series, kind, hours, calibration or ())
@@ -248,8 +248,8 @@ def read_series(path, injection=None, calibration=None) -> SeriesManifest:
 
 def _dicom_hours(p: Path, raw: dict, hours: list, cts: list, spects: list, injection, calibration) -> None:
     """Fill missing hours from the DICOM headers and turn DICOM time points into sources (in place)."""
-    from .dicom_series import DicomSource
-    from .dicom_times import DicomTimeError, hours_after_injection, timing_from_dataset
+    from .dicom_series import DicomSource, series_hours
+    from .dicom_times import DicomTimeError
     dicom = [hasattr(s, "uid") for s in spects]
     if any(h is None for h in hours):
         if not all(dicom) or not all(h is None for h in hours):
@@ -260,7 +260,7 @@ def _dicom_hours(p: Path, raw: dict, hours: list, cts: list, spects: list, injec
     injection, entries = _dicom_options(raw, str(p), injection, calibration)
     if hours[0] is None:
         try:
-            found, _, _ = hours_after_injection({s.uid: timing_from_dataset(s.header) for s in spects}, injection)
+            found, _ = series_hours(spects, injection)
         except DicomTimeError as exc:
             raise SeriesError(f"{p}: {exc}") from None
         hours[:] = [round(found[s.uid], 4) for s in spects]
