@@ -50,18 +50,26 @@ def _print_provenance(manifest) -> None:
                   f"decay: {spect.get('decay')})")
 
 
+def _scanner_settings(args) -> dict | None:
+    """ScannerConfig fields from --scanner-views/-iterations/-subsets (None: its defaults); fewer or more views
+    keep the same 30 min acquisition."""
+    scanner = {k: v for k, v in (("views", args.scanner_views),
+                                 ("osem_iterations", getattr(args, "scanner_iterations", None)),
+                                 ("osem_subsets", getattr(args, "scanner_subsets", None))) if v is not None}
+    if args.scanner_views:
+        scanner["seconds_per_view"] = 1800.0 / args.scanner_views
+    return scanner or None
+
+
 def _cmd_simulate(args) -> int:
     from .simulation import SimulationConfig, simulate_series, write_series
     from .simulation.preview import save_series_preview
     from .simulation.series import series_outputs
 
-    scanner = {k: v for k, v in (("views", args.scanner_views), ("osem_iterations", args.scanner_iterations),
-                                 ("osem_subsets", args.scanner_subsets)) if v is not None}
-    if args.scanner_views:                          # the same 30 min acquisition, in fewer or more views
-        scanner["seconds_per_view"] = 1800.0 / args.scanner_views
+    scanner = _scanner_settings(args)
     cfg = SimulationConfig.preset(args.preset, seed=args.seed, anatomy=args.anatomy,
                                   times_h=tuple(args.times), reference_index=args.reference_index,
-                                  injected_mbq=args.injected_mbq, imaging=args.imaging, scanner=scanner or None)
+                                  injected_mbq=args.injected_mbq, imaging=args.imaging, scanner=scanner)
     cfg.validate()                                # before any file is looked at
     plan = series_outputs(cfg, args.out)          # before simulating: refuses a folder of other files
     if not args.overwrite:
@@ -86,8 +94,7 @@ def _cmd_simulate_phantom(args) -> int:
     plan = OutputSet(args.out, names).prepare(args.overwrite)
     phantom = IECPhantom(background_bq_per_ml=args.background_kbq_per_ml * 1e3, ratio=args.ratio)
     grid = phantom_grid(args.spacing_mm)
-    scanner = {"views": args.scanner_views, "seconds_per_view": 1800.0 / args.scanner_views} \
-        if args.scanner_views else None
+    scanner = _scanner_settings(args)
     t0 = time.perf_counter()
     done = image_phantom(phantom, grid, args.imaging, args.seed, fwhm_mm=args.fwhm_mm, scanner=scanner)
     import numpy as np
@@ -160,14 +167,14 @@ def _cmd_model_info(args) -> int:
 def _cmd_register(args) -> int:
     from .engine import register, registration_outputs, write_registration
     from .network.spect_offset import SpectOffsetConfig
-    from .series_io import read_sessions, volume_source
+    from .series_io import read_sessions, source_files, volume_source
 
     allow = _allow(args)
     options = _series_options(args)
     sources = [volume_source(p, kind, options["calibration"], options["injection"])
                for p, kind in ((args.fixed_ct, "ct"), (args.fixed_spect, "spect"), (args.moving_ct, "ct"),
                                (args.moving_spect, "spect"))]
-    inputs = [f for s in sources for f in (s.files if hasattr(s, "files") else [s])]
+    inputs = [f for s in sources for f in source_files(s)]
     plan = registration_outputs(args.out, protected=inputs).prepare(args.overwrite)     # before any work
     fixed, moving = read_sessions([(sources[0], sources[1], "fixed"), (sources[2], sources[3], "moving")])
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,

@@ -58,7 +58,7 @@ class SeriesManifest:
         """Every file the series is read from (manifest, images, DICOM files): never an output."""
         files = [] if self.path.is_dir() else [self.path]
         for src in [*self.ct_paths, *self.spect_paths]:
-            files += src.files if hasattr(src, "files") else [src]
+            files += source_files(src)
         return files
 
     def provenance(self) -> list:
@@ -95,6 +95,11 @@ def read_sessions(specs) -> list:
     with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
         images = list(pool.map(read_source, paths))
     return [SpectCt(*images[2 * n], *images[2 * n + 1], label=label) for n, (_, _, label) in enumerate(specs)]
+
+
+def source_files(source) -> list:
+    """The files a volume is read from: an image file, or every file of a DICOM source."""
+    return source.files if hasattr(source, "files") else [source]
 
 
 def read_source(source) -> tuple:
