@@ -22,7 +22,7 @@ PY39    ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(
 VENV58  ?= .venv-slicer58
 SLICER58_PACKAGES = numpy==1.26.4 scipy==1.13.1 SimpleITK==2.3.1 pydicom==2.4.4 "pytest>=7"
 SLICER58_TESTS = Testing/test_tia.py Testing/test_dicom_times.py Testing/test_dicom.py Testing/test_series_io.py Testing/test_torch_free.py \
-                 Testing/test_bad_input.py
+                 Testing/test_bad_input.py Testing/test_pvc.py
 
 .PHONY: setup demo test test-slicer58 clean
 

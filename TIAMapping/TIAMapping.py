@@ -105,8 +105,20 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
         raise ValueError(f"'{voiNode.GetName()}' is a {voiNode.GetClassName()}: VOIs must be a segmentation "
                          "or a label map volume")
 
+    def pvcSettings(self, method="none", fwhmText="", calibrationPath="", nTimes=1):
+        """Partial-volume correction settings from the panel's text: ``fwhmText`` one FWHM or three (x y z, mm;
+        empty: the calibration file's), ``calibrationPath`` a file from 'corx calibrate-pvc'."""
+        from TIAMappingLib.pvc import PVCSettings
+        typed = str(fwhmText or "").replace(",", " ").split()
+        try:
+            fwhm = [float(v) for v in typed] or None
+        except ValueError:
+            raise ValueError(f"the SPECT resolution must be one or three numbers of mm, got '{fwhmText}'") from None
+        return PVCSettings.choose(method or "none", fwhm, str(calibrationPath or "") or None, None, nTimes,
+                                  source="typed in the panel")
+
     def computeTIA(self, spectVolumeNodes, timesHours, voiNode=None, segmentNames=None, ctVolumeNode=None,
-                   progress=None, cancel=None, runner=None, allow=()):
+                   progress=None, cancel=None, runner=None, allow=(), pvc=None):
         """TIA map (Bq h/mL), fit RMSE (Bq/mL), model map and dose (Gy, with CT) as new volume nodes.
 
         spectVolumeNodes: registered SPECT in Bq/mL on one grid, in time order; timesHours: hours
@@ -115,8 +127,9 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
         each step; ``cancel()`` stops between steps with Cancelled and leaves no new node. ``runner(compute)``
         runs the node-free computation (default: here; the panel: a worker thread). Inputs pass the
         checks of ``CoRXRegistrationLib.validate`` (SPECT in Bq/mL, CT in HU, times, segment coverage);
-        ``allow``: checks to turn into warnings (in "messages"). Raises ValueError on bad input,
-        LogicBusyError while another computation of this Logic runs.
+        ``allow``: checks to turn into warnings (in "messages"). ``pvc``: partial-volume correction
+        (:meth:`pvcSettings`): the VOI rows gain the corrected values; rbv adds PV-corrected TIA and dose nodes.
+        Raises ValueError on bad input, LogicBusyError while another computation of this Logic runs.
         """
         if len(spectVolumeNodes) != len(timesHours):
             raise ValueError(f"{len(spectVolumeNodes)} SPECT volumes but {len(timesHours)} times")
@@ -135,7 +148,7 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
                 activities, list(timesHours), geometry, segments, seg_geometry, ct, ct_geometry, progress=progress,
                 cancel=cancel, allow=allow, labels=[f"'{n.GetName()}' ({t:g} h)" for n, t in zip(spectVolumeNodes,
                                                                                                  timesHours)],
-                ct_label=f"CT '{ctVolumeNode.GetName()}'" if ctVolumeNode is not None else "CT"))
+                ct_label=f"CT '{ctVolumeNode.GetName()}'" if ctVolumeNode is not None else "CT", pvc=pvc))
             return self._addOutputNodes(out, geometry, list(timesHours))
 
     def _addOutputNodes(self, out, geometry, timesHours):
@@ -146,6 +159,12 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
             nodes["fit_model"] = addVolumeNode(out.fit_model, geometry, "TIA model used")
             if out.dose is not None:
                 nodes["dose"] = addVolumeNode(out.dose, geometry, "Absorbed dose (Gy)")
+            if out.dose_kernel is not None:
+                nodes["dose_kernel"] = addVolumeNode(out.dose_kernel, geometry, "Absorbed dose, kernel (Gy)")
+            if out.tia_pvc is not None:
+                nodes["tia_pvc"] = addVolumeNode(out.tia_pvc, geometry, f"TIA {out.pvc.method}-corrected (Bq h per mL)")
+            if out.dose_pvc is not None:
+                nodes["dose_pvc"] = addVolumeNode(out.dose_pvc, geometry, f"Absorbed dose {out.pvc.method}-corrected (Gy)")
             if out.voi_rows:
                 nodes["voiTable"] = addTableNode(out.voi_rows, "TIA VOI results")
                 nodes["tacTable"], nodes["tacChart"] = self.timeActivityChart(out.voi_rows, timesHours)
@@ -257,6 +276,7 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setRunning(self, running):
         self.running = running
         for widget in (self.ui.spectNodesSelector, self.ui.timesLineEdit, self.ui.voiSelector, self.ui.ctSelector,
+                       self.ui.pvcComboBox, self.ui.psfFwhmLineEdit, self.ui.pvcCalibrationPathLineEdit,
                        self.ui.exportButton, self.ui.exportDirectoryButton):
             widget.enabled = not running
         self.ui.cancelButton.enabled = running
@@ -277,11 +297,13 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.tryWithErrorDisplay("Failed to compute the TIA map.", waitCursor=True):
                 nodes, times = self.checkedSeries()
+                pvc = self.logic.pvcSettings(self.ui.pvcComboBox.currentText, self.ui.psfFwhmLineEdit.text,
+                                             self.ui.pvcCalibrationPathLineEdit.currentPath, len(times))
                 try:
                     self.result = self.logic.computeTIA(nodes, times, self.ui.voiSelector.currentNode(),
                                                         ctVolumeNode=self.ui.ctSelector.currentNode(),
                                                         progress=progress, cancel=lambda: self.cancelRequested,
-                                                        runner=progress.run)
+                                                        runner=progress.run, pvc=pvc)
                 except Cancelled:
                     self.ui.statusLabel.text = "TIA cancelled; no map was made."
                     self.ui.progressBar.value = 0

@@ -33,7 +33,9 @@ def two_point_series(src: Path, dest: Path, patient_id: str) -> Path:
 def test_batch_processes_every_patient_and_reports_failures(small_series_dir, tmp_path):
     from CoRXRegistrationLib.imageio import read_displacement_field, read_image
     cohort = tmp_path / "cohort"
-    two_point_series(small_series_dir, cohort / "P001", "P001")
+    p001 = two_point_series(small_series_dir, cohort / "P001", "P001")
+    manifest = json.loads((p001 / "series.json").read_text())
+    (p001 / "series.json").write_text(json.dumps({**manifest, "psf_fwhm_mm": 13.0}))    # the clinic's resolution
     broken = cohort / "P002"
     broken.mkdir()
     (broken / "series.json").write_text(json.dumps({"format": "corx-series/1", "patient_id": "P002",
@@ -42,10 +44,11 @@ def test_batch_processes_every_patient_and_reports_failures(small_series_dir, tm
                                                                      {"hours": 24, "ct": "x.nii.gz",
                                                                       "spect": "x.nii.gz"}]}))
     out = tmp_path / "out"
-    done = run_batch("--input", cohort, "--output", out, "--device", "cpu")
+    done = run_batch("--input", cohort, "--output", out, "--device", "cpu", "--pvc", "rbv")
     assert done.returncode == 1, done.stdout + done.stderr               # P002 fails, P001 is still processed
     log = (out / "batch.log").read_text()
     assert "missing.nii.gz" in log and "1 of 2 patients processed" in log
+    assert "partial-volume correction rbv, FWHM 13 mm" in log
     # a run into the same output refuses P001's earlier results without --overwrite, leaving them intact
     before = (out / "P001" / "tia.nrrd").stat().st_mtime_ns
     (broken / "series.json").unlink()
@@ -67,5 +70,7 @@ def test_batch_processes_every_patient_and_reports_failures(small_series_dir, tm
     voi = (p1 / "voi.csv").read_text().splitlines()
     assert len(voi) > 3 and "liver" in "".join(voi)
     as_json = json.loads((p1 / "voi.json").read_text())
+    liver = next(r for r in as_json["vois"] if r["segment"] == "liver")
+    assert liver["pvc"] == "rbv" and liver["pvc_tia_mbq_h"] > 0 and (p1 / "tia_pvc.nrrd").is_file()
     assert as_json["units"]["tia"] == "MBq*h" and len(as_json["vois"]) == len(voi) - 1
     assert "spect_lncc" in (p1 / "registration_qa.csv").read_text()

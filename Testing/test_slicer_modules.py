@@ -320,6 +320,39 @@ def test_tia_reports_progress_and_cancel_leaves_no_node(mrml_scene):
     assert node_names(slicer.mrmlScene) == before
 
 
+def test_tia_logic_corrects_partial_volume_from_the_panel_settings(mrml_scene):
+    """A hot ball in a warm body blurred by 12 mm: gtm/rbv from the panel's text raise the ball's TIA towards
+    the truth, rbv adds corrected TIA and dose nodes, and typed nonsense is refused by name."""
+    from scipy import ndimage
+
+    from CoRXRegistration import addVolumeNode
+    from CoRXRegistrationLib.geometry import Geometry
+    from TIAMapping import TIAMappingLogic
+    g = Geometry.centred((20, 24, 24), (4.0, 4.0, 4.0))
+    r = np.linalg.norm(g.lps_grid(), axis=-1)
+    ball = r <= 14.0
+    truth = np.where(ball, 2e5, np.where(r < 44.0, 2e4, 0.0))
+    times = [4.0, 24.0, 48.0]
+    sigma = 12.0 / 2.3548 / 4.0
+    nodes = [addVolumeNode(ndimage.gaussian_filter(truth * np.exp(-0.015 * t), sigma).astype(np.float32), g,
+                           f"S {t:g}h") for t in times]
+    labels = addVolumeNode(ball.astype(np.int16), g, "L", "vtkMRMLLabelMapVolumeNode")
+    ct = addVolumeNode(np.where(r < 44.0, 0.0, -1000.0).astype(np.float32), g, "CT")
+    logic = TIAMappingLogic()
+    allow = ["spect-activity"]
+    plain = logic.computeTIA(nodes, times, labels, {1: "ball"}, ctVolumeNode=ct, allow=allow)
+    rbv = logic.computeTIA(nodes, times, labels, {1: "ball"}, ctVolumeNode=ct, allow=allow,
+                           pvc=logic.pvcSettings("rbv", "12", "", len(times)))
+    true_tia = 2e5 / 0.015 * ball.sum() * g.voxel_volume_ml / 1e6
+    before, after = plain["voi_rows"][0]["voxel_tia_sum_mbq_h"], rbv["voi_rows"][0]["pvc_tia_mbq_h"]
+    assert before < 0.8 * true_tia and abs(after / true_tia - 1.0) < 0.1
+    assert "tia_pvc" in rbv and "dose_pvc" in rbv and "rbv-corrected" in rbv["tia_pvc"].GetName()
+    with pytest.raises(ValueError, match="numbers of mm"):
+        logic.pvcSettings("gtm", "twelve", "", 3)
+    with pytest.raises(ValueError, match="needs the SPECT resolution"):
+        logic.pvcSettings("gtm", "", "", 3)
+
+
 def test_parameters_round_trip_through_a_saved_scene(mrml_scene, tmp_path):
     from CoRXRegistration import CoRXRegistrationLogic
     scene = mrml_scene["scene"]

@@ -115,21 +115,69 @@ def _cmd_simulate_phantom(args) -> int:
     return 0
 
 
+def _cmd_calibrate_pvc(args) -> int:
+    import numpy as np
+
+    from TIAMappingLib.pvc import PVCError
+    from TIAMappingLib.pvc_calibration import calibrate_phantom
+
+    from .imageio import read_image, read_segmentation
+    from .outputs import OutputSet, write_text
+    from .resample import resample
+
+    if args.phantom:
+        folder = Path(args.phantom)
+        try:
+            info = json.loads((folder / "phantom.json").read_text())
+        except (OSError, ValueError) as e:
+            raise PVCError(f"{folder}: not a phantom folder from corx simulate-phantom ({e})") from None
+        spect_path, ct_path, seg_path = folder / "spect.nii.gz", folder / "ct.nii.gz", folder / "spheres.seg.nrrd"
+        sphere, background = info["background_bq_per_ml"] * info["ratio"], info["background_bq_per_ml"]
+    else:
+        missing = [o for o, v in (("--spect", args.spect), ("--ct", args.ct), ("--spheres", args.spheres),
+                                  ("--sphere-kbq-ml", args.sphere_kbq_ml),
+                                  ("--background-kbq-ml", args.background_kbq_ml)) if v is None]
+        if missing:
+            raise PVCError("give a simulate-phantom folder, or your phantom with " + ", ".join(missing))
+        spect_path, ct_path, seg_path = Path(args.spect), Path(args.ct), Path(args.spheres)
+        sphere, background = args.sphere_kbq_ml * 1e3, args.background_kbq_ml * 1e3
+    out = Path(args.out)
+    plan = OutputSet(out.parent, [out.name], inputs=[spect_path, ct_path, seg_path]).prepare(args.overwrite)
+    spect, g = read_image(spect_path)
+    ct, ct_g = read_image(ct_path)
+    if not ct_g.same_grid(g):
+        ct = resample(ct, ct_g, g, fill=-1000.0)
+    segments, seg_g = read_segmentation(seg_path)
+    if not seg_g.same_grid(g):
+        segments = {n: resample(m.astype(np.uint8), seg_g, g, mode="nearest") > 0 for n, m in segments.items()}
+    cal = calibrate_phantom(spect, g, segments, ct, sphere, background, args.diameters, source=str(spect_path))
+    write_text(plan.path(out.name), json.dumps(cal.to_dict(), indent=1, default=float))
+    print(f"{cal.resolution.describe()}; recovery " + ", ".join(f"{r['segment']} {r['recovery']:.3f}"
+                                                           for r in cal.record["spheres"]))
+    print(f"background measured {cal.record['background_measured_bq_per_ml'] / 1e3:.2f} kBq/mL (true "
+          f"{background / 1e3:.2f}); wrote {out}")
+    return 0
+
+
+def _cmd_evaluate_pvc(args) -> int:
+    from .pvc_evaluation import run_pvc_evaluation
+    result = run_pvc_evaluation(args.out, calibration=args.pvc_calibration, registrations=tuple(args.registrations),
+                                model=args.model, preset=args.preset, sensitivity=not args.no_sensitivity,
+                                **_held_out(args))
+    print(result["markdown"])
+    return 0
+
+
 def _cmd_tia(args) -> int:
     from TIAMappingLib.pipeline import run_tia_files
 
     t0 = time.perf_counter()
     outputs = run_tia_files(args.spect, args.times, args.out, segmentation=args.segmentation, ct=args.ct,
-                            population_half_life_h=args.stp_half_life, overwrite=args.overwrite, allow=_allow(args))
+                            population_half_life_h=args.stp_half_life, overwrite=args.overwrite, allow=_allow(args),
+                            pvc=_pvc_settings(args, len(args.times)))
     for msg in outputs.messages:
         print(f"note: {msg}")
-    for row in outputs.voi_rows:
-        if row["status"] != "ok":
-            print(f"warning: segment '{row['segment']}': {row['status']}")
-        else:
-            dose = f", mean dose {row['mean_gy']:.2f} Gy" if "mean_gy" in row else ""
-            print(f"{row['segment']:>24}: {row['volume_ml']:8.1f} mL, organ TIA {row.get('eq6_tia_mbq_h', float('nan')):10.1f} MBq h,"
-                  f" voxel TIA sum {row['voxel_tia_sum_mbq_h']:10.1f} MBq h{dose}")
+    _print_voi_rows(outputs.voi_rows)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -137,7 +185,7 @@ def _cmd_tia(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.out, preset=args.preset, seed=args.seed, anatomy=args.anatomy, overwrite=True, model=args.model,
-             device=args.device, input_path=args.input, allow=_allow(args))
+             device=args.device, input_path=args.input, allow=_allow(args), pvc=args.pvc)
     return 0
 
 
@@ -236,15 +284,12 @@ def _cmd_dosimetry(args) -> int:
 
     manifest = read_series(args.series, **_series_options(args))
     result = run_dosimetry(manifest, args.out, model=args.model, device=args.device, overwrite=args.overwrite,
-                           allow=_allow(args), segmentation=args.segmentation)
+                           allow=_allow(args), segmentation=args.segmentation,
+                           pvc=_pvc_settings(args, len(manifest.hours), manifest))
     _print_provenance(manifest)
     for msg in result["outputs"].messages:
         print(f"note: {msg}")
-    for row in result["outputs"].voi_rows:
-        if row["status"] == "ok":
-            dose = f", mean dose {row['mean_gy']:.2f} Gy" if "mean_gy" in row else ""
-            print(f"{row['segment']:>24}: {row['volume_ml']:8.1f} mL, voxel TIA sum {row['voxel_tia_sum_mbq_h']:10.1f} "
-                  f"MBq h{dose}")
+    _print_voi_rows(result["outputs"].voi_rows)
     for path in result["dicom"]:
         print(f"DICOM: {path}")
     print(f"{manifest.patient_id}: dosimetry of {len(manifest.hours)} time points in "
@@ -307,7 +352,7 @@ def _cmd_export_model(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import PROTOCOL_SITES, run_evaluation
+    from .evaluation import run_evaluation
 
     models = {"corx": args.model}
     for method, given, committed in (("transmorph", args.transmorph, COMPARISON_TRANSMORPH),
@@ -316,18 +361,15 @@ def _cmd_evaluate(args) -> int:
         if source:
             models[method] = str(source)
     if args.quick:
-        result = run_evaluation(args.out, seeds=args.seeds or [5000], patient15=False,
+        result = run_evaluation(args.out, seeds=[5000] if args.seeds is None else args.seeds, patient15=False,
                                 protocols={"3 time points (4-48 h)": (4.0, 24.0, 48.0)}, models=models,
                                 preset="small", elastix_iterations=min(args.elastix_iterations, 100),
                                 refine_iterations=min(args.refine, 5), device=args.device, methods=args.methods,
                                 resume=not args.fresh)
     else:
-        result = run_evaluation(args.out, seeds=args.seeds or [5000, 5001, 5002], patient15=not args.no_patient15,
-                                protocols=dict(PROTOCOL_SITES[site] for site in args.protocols), models=models,
-                                preset=args.preset, elastix_iterations=args.elastix_iterations,
-                                refine_iterations=args.refine, device=args.device, methods=args.methods,
-                                resume=not args.fresh, imaging=args.imaging,
-                                scanner_cache=args.scanner_cache if args.imaging == "scanner" else None)
+        result = run_evaluation(args.out, models=models, preset=args.preset,
+                                elastix_iterations=args.elastix_iterations, refine_iterations=args.refine,
+                                device=args.device, methods=args.methods, resume=not args.fresh, **_held_out(args))
     print(result["markdown"])
     return 0
 
@@ -420,6 +462,64 @@ def _add_dicom_options(parser) -> None:
                                            "scanner/collimator")
 
 
+def _add_validation_options(parser, seeds_note: str = "") -> None:
+    """The held-out series an evaluation runs on: --seeds, --no-patient15, --protocols, --imaging, --scanner-cache."""
+    parser.add_argument("--seeds", type=int, nargs="*",
+                        help=f"held-out simulation seeds (training used 100-127; default 5000 5001 5002{seeds_note}; "
+                             "--seeds with none: patient15 only)")
+    parser.add_argument("--no-patient15", action="store_true", help="leave out the patient15-anatomy series")
+    parser.add_argument("--protocols", nargs="+", choices=["snuh", "smc"], default=["snuh", "smc"],
+                        help="the paper's time-point protocols to run: SNUH 4, 24, 48, 120 h; SMC 0.5, 4, 24, 48 h "
+                             "(parts of one full run can go to separate processes with the same --out)")
+    parser.add_argument("--imaging", choices=["gaussian", "scanner"], default="gaussian",
+                        help="simulated SPECT: gaussian (image-space blur, fast) or scanner (projection + OSEM; "
+                             "reconstructions reused from --scanner-cache)")
+    parser.add_argument("--scanner-cache", default=str(VALIDATION_DIR / "cache"),
+                        help="reconstructions of the scanner imaging, filled by corx simulate-validation "
+                             "(default output/validation-scanner/cache)")
+
+
+def _held_out(args, default=(5000, 5001, 5002)) -> dict:
+    """run_evaluation's / run_pvc_evaluation's series options from :func:`_add_validation_options`."""
+    from .evaluation import PROTOCOL_SITES
+    return {"seeds": list(default) if args.seeds is None else args.seeds, "patient15": not args.no_patient15,
+            "protocols": dict(PROTOCOL_SITES[site] for site in args.protocols), "imaging": args.imaging,
+            "scanner_cache": args.scanner_cache if args.imaging == "scanner" else None}
+
+
+def _add_pvc_options(parser) -> None:
+    from TIAMappingLib.pvc import METHODS
+    parser.add_argument("--pvc", choices=METHODS, default="none",
+                        help="partial-volume correction of the VOI values: rc (recovery coefficients), gtm (geometric "
+                             "transfer matrix), rbv (GTM + voxel-wise: also corrected SPECT, TIA and dose maps)")
+    parser.add_argument("--psf-fwhm-mm", type=float, nargs="+", metavar="MM",
+                        help="reconstructed SPECT resolution for the correction: one FWHM or three (x, y, z); "
+                             "default: series.json's psf_fwhm_mm, else the --pvc-calibration's")
+    parser.add_argument("--pvc-calibration", metavar="JSON",
+                        help="a phantom calibration from corx calibrate-pvc (FWHM and recovery curve)")
+
+
+def _pvc_settings(args, n_times: int, manifest=None):
+    """The PVC settings from --pvc, --psf-fwhm-mm, --pvc-calibration and the manifest (command line first)."""
+    from TIAMappingLib.pvc import PVCSettings
+    return PVCSettings.for_series(args.pvc, args.psf_fwhm_mm, args.pvc_calibration, manifest, n_times)
+
+
+def _print_voi_rows(rows) -> None:
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"warning: segment '{row['segment']}': {row['status']}")
+            continue
+        dose = f", mean dose {row['mean_gy']:.2f} Gy" if "mean_gy" in row else ""
+        text = (f"{row['segment']:>24}: {row['volume_ml']:8.1f} mL, organ TIA {row.get('eq6_tia_mbq_h', float('nan')):10.1f}"
+                f" MBq h, voxel TIA sum {row['voxel_tia_sum_mbq_h']:10.1f} MBq h{dose}")
+        if "pvc_tia_mbq_h" in row:
+            text += f", {row['pvc']}-corrected {row['pvc_tia_mbq_h']:10.1f} MBq h (x{row['pvc_factor']:.2f})"
+            if row.get("pvc_warning"):
+                text += f"  [{row['pvc_warning']}]"
+        print(text)
+
+
 def _add_allow(parser) -> None:
     from .validate import CHECKS
     parser.add_argument("--allow", nargs="+", choices=list(CHECKS), metavar="CHECK", default=[],
@@ -494,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder for the maps (NIfTI) and tables (CSV)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the earlier result set in --out (all of it: no stale dose or VOI table is kept)")
+    _add_pvc_options(t)
     _add_allow(t)
     t.set_defaults(func=_cmd_tia)
 
@@ -517,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--anatomy", choices=["procedural", "patient15"], default="procedural",
                    help="procedural anatomy or the real patient15 anatomy (validation only)")
     d.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
+    d.add_argument("--pvc", choices=["none", "rc", "gtm", "rbv"], default="rbv",
+                   help="partial-volume correction beside the uncorrected values (default rbv; a simulated patient "
+                        "is corrected with the IEC phantom calibrated by the same imaging chain)")
     _add_model_options(d)
     _add_allow(d)
     d.set_defaults(func=_cmd_demo)
@@ -571,8 +675,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(do)
     do.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
     _add_dicom_options(do)
+    _add_pvc_options(do)
     _add_allow(do)
     do.set_defaults(func=_cmd_dosimetry)
+
+    cp = sub.add_parser("calibrate-pvc", help="SPECT resolution (FWHM) and recovery curve from a phantom scan, for "
+                                              "--pvc: a folder from simulate-phantom, or your own scan")
+    cp.add_argument("phantom", nargs="?", help="a folder written by corx simulate-phantom (spect.nii.gz, ct.nii.gz, "
+                                               "spheres.seg.nrrd, phantom.json)")
+    cp.add_argument("--spect", help="your phantom's reconstructed SPECT (Bq/mL)")
+    cp.add_argument("--ct", help="its CT (HU): the body outline")
+    cp.add_argument("--spheres", help="segmentation with one segment per sphere (names stating the diameter, e.g. "
+                                      "sphere_37mm, or --diameters)")
+    cp.add_argument("--diameters", type=float, nargs="+", metavar="MM", help="inner sphere diameters, in segment order")
+    cp.add_argument("--sphere-kbq-ml", type=float, help="true sphere concentration at scan time (kBq/mL)")
+    cp.add_argument("--background-kbq-ml", type=float, help="true background concentration at scan time (kBq/mL)")
+    cp.add_argument("--out", required=True, help="the calibration file to write (JSON), e.g. pvc_calibration.json")
+    cp.add_argument("--overwrite", action="store_true", help="replace an earlier calibration file")
+    cp.set_defaults(func=_cmd_calibrate_pvc)
+
+    ep = sub.add_parser("evaluate-pvc", help="partial-volume correction against the truth on held-out simulated "
+                                             "series: VOI TIA error per class, rc/gtm/rbv vs uncorrected")
+    ep.add_argument("--out", default="output/eval-pvc", help="folder for pvc_report.md, pvc.csv, the calibration")
+    _add_validation_options(ep)
+    ep.add_argument("--pvc-calibration", help="a calibration from corx calibrate-pvc (default: the IEC phantom "
+                                              "imaged like the patients, calibrated into --out)")
+    ep.add_argument("--registrations", nargs="+", choices=["ideal", "corx"], default=["ideal", "corx"],
+                    help="ideal: the true motion; corx: the bundled model")
+    ep.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes")
+    ep.add_argument("--no-sensitivity", action="store_true", help="skip the FWHM +-2 mm and shifted-segmentation runs")
+    _add_model_options(ep)
+    ep.set_defaults(func=_cmd_evaluate_pvc)
 
     pd = sub.add_parser("prepare-data", help="pack training patients onto the network grid")
     pd.add_argument("--out", required=True, help="folder for the packed patient files")
@@ -626,12 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "series with ground truth")
     ev.add_argument("--out", default="output/evaluation", help="report, tables, figures and resume/ (default "
                                                                 "output/evaluation)")
-    ev.add_argument("--seeds", type=int, nargs="+",
-                    help="held-out simulation seeds (training used 100-127; default 5000 5001 5002, with --quick 5000)")
-    ev.add_argument("--no-patient15", action="store_true", help="leave out the patient15-anatomy series")
-    ev.add_argument("--protocols", nargs="+", choices=["snuh", "smc"], default=["snuh", "smc"],
-                    help="the paper's time-point protocols to run: SNUH 4, 24, 48, 120 h; SMC 0.5, 4, 24, 48 h "
-                         "(parts of one full run can go to separate processes with the same --out)")
+    _add_validation_options(ev, "; with --quick 5000")
     ev.add_argument("--model", default="bundled", help="the CoRX checkpoint")
     ev.add_argument("--transmorph", help="a TransMorph checkpoint trained the same way (default: the committed "
                                          "training_checkpoints/models/transmorph-cpu.pt of a source checkout)")
@@ -647,12 +775,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "5 refinement iterations")
     ev.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD",
                     help="a subset (default: every available): " + ", ".join(ROW_ORDER))
-    ev.add_argument("--imaging", choices=["gaussian", "scanner"], default="gaussian",
-                    help="simulated SPECT: gaussian (image-space blur, fast) or scanner (projection + OSEM; "
-                         "reconstructions reused from --scanner-cache)")
-    ev.add_argument("--scanner-cache", default=str(VALIDATION_DIR / "cache"),
-                    help="reconstructions of the scanner imaging, filled by corx simulate-validation "
-                         "(default output/validation-scanner/cache)")
     ev.add_argument("--fresh", action="store_true",
                     help="measure every field again (default: reuse the fields of 30 s or more, e.g. Elastix's, that "
                          "an interrupted run with the same settings left in OUT/resume/)")

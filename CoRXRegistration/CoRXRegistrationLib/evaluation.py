@@ -351,8 +351,9 @@ def _largest_tumour_centre(series):
 
 
 def tia_truth_comparison(outputs, series) -> dict:
-    """Per VOI: voxel-TIA sum and organ TIA vs the true VOI TIA, median voxel error vs the PSF-blurred
-    true TIA, and the median voxel fit RMSE relative to the voxel's mean activity."""
+    """Per VOI: voxel-TIA sum and organ TIA vs the true VOI TIA, median voxel error vs the true TIA and vs
+    the PSF-blurred true TIA, the median voxel fit RMSE; with a partial-volume correction its VOI TIA and
+    error (and, with a corrected map, its median voxel error vs the true TIA)."""
     truth = series.voi_truth
     table = {}
     for row in outputs.voi_rows:
@@ -363,13 +364,24 @@ def tia_truth_comparison(outputs, series) -> dict:
         mask = np.isin(series.labels_spect, truth[name]["labels"])
         with np.errstate(divide="ignore", invalid="ignore"):
             vox_err = np.abs(outputs.tia[mask] / series.truth_tia_psf[mask] - 1.0)
+            vox_true = np.abs(outputs.tia[mask] / series.truth_tia[mask] - 1.0)
+        extra = {}
+        if "pvc_tia_mbq_h" in row:
+            extra = {"pvc": row["pvc"], "pvc_tia_mbq_h": round(row["pvc_tia_mbq_h"], 1),
+                     "pvc_voi_tia_error_pct": round(100.0 * (row["pvc_tia_mbq_h"] / true_tia - 1.0), 2),
+                     "pvc_warning": row.get("pvc_warning", "")}
+            if outputs.tia_pvc is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    e = np.abs(outputs.tia_pvc[mask] / series.truth_tia[mask] - 1.0)
+                extra["pvc_median_abs_voxel_error_pct_vs_true"] = round(float(np.nanmedian(e) * 100), 2)
         table[name] = {"true_tia_mbq_h": round(true_tia, 1),
                        "voxel_tia_sum_mbq_h": round(row["voxel_tia_sum_mbq_h"], 1),
                        "organ_tia_mbq_h": round(row.get("eq6_tia_mbq_h", float("nan")), 1),
                        "voi_tia_error_pct": round(100.0 * (row["voxel_tia_sum_mbq_h"] / true_tia - 1.0), 2),
                        "median_abs_voxel_error_pct_vs_psf_truth": round(float(np.nanmedian(vox_err) * 100), 2),
+                       "median_abs_voxel_error_pct_vs_true": round(float(np.nanmedian(vox_true) * 100), 2),
                        "median_fit_rmse_bq_ml": round(float(np.median(outputs.fit_rmse[mask])), 1),
-                       "mean_dose_gy": round(row.get("mean_gy", float("nan")), 3)}
+                       "mean_dose_gy": round(row.get("mean_gy", float("nan")), 3), **extra}
     return table
 
 

@@ -76,6 +76,19 @@ class SeriesManifest:
         return read_sessions([(self.ct_paths[i], self.spect_paths[i], f"{self.patient_id} {h:g} h")
                               for i, h in enumerate(self.hours)])
 
+    def psf_fwhm_mm(self) -> list | None:
+        """Per time point the SPECT resolution the manifest states (``time_points[i].psf_fwhm_mm``, else the
+        series' ``psf_fwhm_mm``: one FWHM or three, mm); None where it states none."""
+        points = self.raw.get("time_points") or []
+        series = self.raw.get("psf_fwhm_mm")
+        values = [tp.get("psf_fwhm_mm", series) if isinstance(tp, dict) else series for tp in points]
+        return values if points and all(v is not None for v in values) else None
+
+    def pvc_calibration(self) -> Path | None:
+        """The phantom calibration the manifest names (``pvc_calibration``, relative to its folder)."""
+        rel = self.raw.get("pvc_calibration")
+        return self.folder / rel if rel else None
+
     def truth_path(self, i: int, key: str) -> Path | None:
         rel = self.raw["time_points"][i].get("truth", {}).get(key)
         return self.folder / rel if rel else None

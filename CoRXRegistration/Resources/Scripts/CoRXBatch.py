@@ -80,16 +80,16 @@ def patient_outputs(manifest, out: Path):
     names = [name.format(tags[i]) for i in range(len(manifest.hours)) if i != manifest.reference_index
              for name in ("transform_{}.nrrd", "spect_{}_deformed.nrrd", "ct_{}_deformed.nrrd", "jacobian_{}.nrrd",
                           "deformation_rgb_{}.nrrd")]
-    names += ["registration_qa.csv", "tia.nrrd", "fit_rmse.nrrd", "fit_model.nrrd", "dose.nrrd", "voi.csv",
-              "voi.json"]
+    names += ["registration_qa.csv", "tia.nrrd", "fit_rmse.nrrd", "fit_model.nrrd", "dose.nrrd", "dose_kernel.nrrd", "tia_pvc.nrrd",
+              "dose_pvc.nrrd", "voi.csv", "voi.json"]
     from CoRXRegistrationLib.dosimetry import dicom_output_names
     names += [f"dicom/{name}" for name in dicom_output_names(manifest)]
     return OutputSet(out, names, inputs=manifest.input_files())
 
 
-def process_patient(manifest, out, model: str, device: str, log, allow=()) -> dict:
+def process_patient(manifest, out, model: str, device: str, log, allow=(), pvc=None) -> dict:
     """Register, map and write one patient into ``out`` (an output set from :func:`patient_outputs`,
-    already prepared)."""
+    already prepared); ``pvc``: :class:`TIAMappingLib.pvc.PVCSettings` (None: uncorrected)."""
     import CoRXRegistration as reg
     import TIAMapping as tia
     from TIAMappingLib.voi import time_labels
@@ -123,9 +123,12 @@ def process_patient(manifest, out, model: str, device: str, log, allow=()) -> di
                  r.metrics["registered"]["jacobian_nonpositive_percent"])
     written.append(reg.saveNode(registered["qaTable"], out.path("registration_qa.csv")))
     labelmap, names = _labelmap_node(manifest, log)
+    if pvc is not None and pvc.method != "none":
+        log.info("  partial-volume correction %s, %s", pvc.method,
+                 "; ".join(r.describe() for r in pvc.resolutions(len(manifest.hours))))
     maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, voiNode=labelmap,
-                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref], allow=allow)
-    for key in ("tia", "fit_rmse", "fit_model", "dose"):
+                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref], allow=allow, pvc=pvc)
+    for key in ("tia", "fit_rmse", "fit_model", "dose", "dose_kernel", "tia_pvc", "dose_pvc"):
         if key in maps:
             written.append(reg.saveNode(maps[key], out.path(f"{key}.nrrd")))
     if maps["voi_rows"]:
@@ -209,8 +212,11 @@ def run(args) -> int:
     failed = [str(path) for path, _ in dict(errors).items()]
     for manifest in series:
         try:
+            from TIAMappingLib.pvc import PVCSettings
+            pvc = PVCSettings.for_series(args.pvc, args.psf_fwhm_mm, args.pvc_calibration, manifest,
+                                         len(manifest.hours))
             out = patient_outputs(manifest, output / manifest.patient_id).prepare(args.overwrite)
-            process_patient(manifest, out, args.model, args.device, log, allow)
+            process_patient(manifest, out, args.model, args.device, log, allow, pvc)
         except Exception as exc:
             log.error("%s failed: %s", manifest.patient_id, exc)
             log.debug(traceback.format_exc())
@@ -236,6 +242,12 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", help="DICOM input in counts: a corx-calibration/1 JSON file")
     parser.add_argument("--allow", nargs="+", default=[], metavar="CHECK",
                         help="turn these input checks into logged warnings (see CoRXRegistrationLib.validate)")
+    parser.add_argument("--pvc", choices=["none", "rc", "gtm", "rbv"], default="none",
+                        help="partial-volume correction of the VOI values (rbv: also tia_pvc and dose_pvc maps)")
+    parser.add_argument("--psf-fwhm-mm", type=float, nargs="+", metavar="MM",
+                        help="SPECT resolution for --pvc: one FWHM or three (x y z); default: the manifest's "
+                             "psf_fwhm_mm, else --pvc-calibration's")
+    parser.add_argument("--pvc-calibration", help="a phantom calibration from corx calibrate-pvc")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:                     # argparse has printed the reason
