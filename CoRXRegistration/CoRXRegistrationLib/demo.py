@@ -132,7 +132,7 @@ def _load_input(input_path, out: Path, overwrite: bool, preset: str, seed: int, 
     series = simulate_series(cfg, progress=TerminalProgress("simulate"))
     manifest = write_series(series, out / "series", overwrite=overwrite)
     save_series_preview(series, out / "series" / "preview.png")
-    segments, seg_g = read_segmentation(manifest.parent / "truth" / "segmentation.seg.nrrd")
+    segments, seg_g = series.voi_segmentation()     # the phantom's 2 mm labels: finer than truth/segmentation
     return {"sessions": series.sessions(), "times_h": list(cfg.times_h), "reference_index": cfg.reference_index,
             "segments": segments, "segmentation_geometry": seg_g, "series": series, "manifest": manifest,
             "title": f"CoRX demo: simulated 177Lu-DOTATATE patient (seed {seed}, {anatomy}, {preset})"}
@@ -206,11 +206,13 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
     ct_ref_on_spect = resample(np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry, ref_g,
                                fill=-1000.0)
     kidneys = None
-    if data["segments"] and data["segmentation_geometry"].same_grid(ref_g):
-        kidneys = np.zeros(ref_g.shape, bool)
+    if data["segments"]:
+        kidneys = np.zeros(data["segmentation_geometry"].shape, bool)
         for name, m in data["segments"].items():
             if "kidney" in name:
                 kidneys |= m
+        if not data["segmentation_geometry"].same_grid(ref_g):
+            kidneys = resample(kidneys.astype(np.uint8), data["segmentation_geometry"], ref_g, mode="nearest") > 0
     errors = {k: {v: r["median_abs_voxel_error_pct_vs_psf_truth"] for v, r in t.items()} for k, t in tables.items()}
     save_demo_figure(out / "report.png", ct_hu=ct_ref_on_spect, geometry=ref_g, times_h=times_h,
                      reference_index=ref, spect_unregistered=aligned_by["no_registration"],

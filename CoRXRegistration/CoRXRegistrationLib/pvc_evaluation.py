@@ -84,9 +84,26 @@ def aligned_series(series, method: str, runner=None, cfg=None) -> list:
     return out
 
 
-def _shifted(segments: dict, voxels: int = 1) -> dict:
-    """Every mask shifted by ``voxels`` along the grid's x axis (what a one-voxel misregistration does)."""
-    return {n: np.roll(m, voxels, axis=2) for n, m in segments.items()}
+def _shifted(grid, spect_grid):
+    """``grid`` moved by one SPECT voxel along the SPECT's x axis (a one-voxel misregistration)."""
+    from .geometry import Geometry
+    step = spect_grid.direction_matrix[:, 0] * spect_grid.spacing[0]
+    return Geometry(grid.shape, grid.spacing, tuple(np.asarray(grid.origin) + step), grid.direction)
+
+
+def true_voi_totals_mbq(series, names) -> dict:
+    """The true activity (MBq) of each VOI at each time point, from the phantom's own labels and curves (the
+    grid the true VOI TIA is computed on), so a VOI total is compared with the whole VOI's activity."""
+    from .simulation.kinetics import VoxelKinetics
+    ph = series.phantom
+    kinetics = VoxelKinetics(ph.labels, ph.uptake_scale, ph.washout_scale, series.curves)
+    masks = {n: np.isin(ph.labels, series.voi_truth[n]["labels"]) for n in names if n in series.voi_truth}
+    out = {n: [] for n in masks}
+    for t in series.config.times_h:
+        a = kinetics.activity(t)
+        for n, m in masks.items():
+            out[n].append(float(a[m].sum(dtype=np.float64)) * ph.geometry.voxel_volume_ml / 1e6)
+    return out
 
 
 def _half_counts(images: list, series, grid) -> list:
@@ -110,21 +127,20 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
 
     from .evaluation import voi_segments
     ref, ref_g = series.config.reference_index, series.reference_spect_geometry
-    segments = {n: m for n, m in voi_segments(series).items() if m.any()}
+    segments, seg_g = series.voi_segmentation()
+    on_spect = voi_segments(series)                  # the voxel errors: on the SPECT grid
     ct = resample(series.ct[ref].astype(np.float32), series.reference_ct_geometry, ref_g, fill=-1000.0)
     diameters = {f"tumour_{i + 1}_{t.kind}": t.diameter_mm for i, t in enumerate(series.phantom.tumours)}
     truth = series.voi_truth
-    vv = ref_g.voxel_volume_ml
-    true_totals = {n: [float(a[m].sum(dtype=np.float64)) * vv / 1e6 for a in series.truth_activity]
-                   for n, m in segments.items()}
+    true_totals = true_voi_totals_mbq(series, list(segments))
     tags = time_labels(series.config.times_h)
     rows = []
 
-    def run(case, aligned, registration, pvc_method, resolution, segs):
+    def run(case, aligned, registration, pvc_method, resolution, segs_g):
         settings = PVCSettings(pvc_method, resolution if pvc_method != "none" else None,
                                calibration.recovery if pvc_method == "rc" else None)
         t0 = time.perf_counter()
-        out = compute_tia_outputs(aligned, series.config.times_h, ref_g, segs, ref_g, ct, ref_g, pvc=settings)
+        out = compute_tia_outputs(aligned, series.config.times_h, ref_g, segments, segs_g, ct, ref_g, pvc=settings)
         seconds = time.perf_counter() - t0
         tia_map = out.tia_pvc if out.tia_pvc is not None else out.tia
         for row in out.voi_rows:
@@ -137,8 +153,8 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
             value = row["voxel_tia_sum_mbq_h"] if pvc_method == "none" else row["pvc_tia_mbq_h"]
             true = truth[name]["tia_mbq_h"]
             key = "total_mbq_" if pvc_method == "none" else "pvc_total_mbq_"
-            activity = [100.0 * (row[key + tag] / t - 1.0) for tag, t in zip(tags, true_totals[name]) if t > 0]
-            mask = segments[name]
+            activity = [100.0 * (row[key + tag] / t - 1.0) for tag, t in zip(tags, true_totals.get(name, [])) if t > 0]
+            mask = on_spect[name]
             with np.errstate(divide="ignore", invalid="ignore"):
                 vox = np.abs(tia_map[mask] / series.truth_tia[mask] - 1.0)
             if registration == TRUE_ACTIVITY:      # the floors: both ways of integrating, on the true activity
@@ -147,7 +163,8 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
                              "registration": registration, "case": case, "pvc": FLOORS[1], "voi": name,
                              "class": cls, "diameter_mm": round(diameters.get(name, float("nan")), 1),
                              "true_tia_mbq_h": true, "tia_mbq_h": fit, "error_pct": 100.0 * (fit / true - 1.0),
-                             "activity_error_pct": 0.0, "median_voxel_error_pct_vs_true": float("nan"),
+                             "activity_error_pct": float(np.mean(activity)) if activity else float("nan"),
+                             "median_voxel_error_pct_vs_true": float("nan"),
                              "warning": "", "seconds": seconds, "condition": float("nan")})
                 pvc_label = FLOORS[0]
             else:
@@ -166,20 +183,20 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
     base = calibration.resolution
     for registration, images in registrations.items():
         for pvc_method in PVC_METHODS if registration != TRUE_ACTIVITY else ("none",):
-            run("calibrated FWHM", images, registration, pvc_method, base, segments)
+            run("calibrated FWHM", images, registration, pvc_method, base, seg_g)
         log(f"{dataset}: {registration} done")
     if sensitivity and "ideal" in registrations:
         images = registrations["ideal"]
         for delta in (-2.0, 2.0):
             res = Resolution.of(np.asarray(base.fwhm_mm) + delta, f"calibrated {delta:+g} mm")
             for pvc_method in ("gtm", "rbv"):
-                run(f"FWHM {delta:+g} mm", images, "ideal", pvc_method, res, segments)
+                run(f"FWHM {delta:+g} mm", images, "ideal", pvc_method, res, seg_g)
         for pvc_method in PVC_METHODS:
-            run("segmentation shifted 1 voxel", images, "ideal", pvc_method, base, _shifted(segments))
+            run("segmentation shifted 1 voxel", images, "ideal", pvc_method, base, _shifted(seg_g, ref_g))
         if series.config.imaging == "gaussian":
             noisy = _half_counts(images, series, ref_g)
             for pvc_method in PVC_METHODS:
-                run("half the counts", noisy, "ideal", pvc_method, base, segments)
+                run("half the counts", noisy, "ideal", pvc_method, base, seg_g)
         log(f"{dataset}: sensitivity done")
     return rows
 
@@ -203,7 +220,8 @@ def headline_pvc(rows: list) -> str:
                   "|---|---|" + "---:|" * len(present)]
         floor = [r for r in mine if r["pvc"] == FLOORS[0]]
         lines.append("| true activity | none | " + " | ".join(
-            f"0 / {np.mean([abs(r['error_pct']) for r in floor if r['class'] == c]):.1f}" for c in present) + " |")
+            f"{np.nanmean([r['activity_error_pct'] for r in floor if r['class'] == c]):+.1f} / "
+            f"{np.mean([abs(r['error_pct']) for r in floor if r['class'] == c]):.1f}" for c in present) + " |")
         for g in registrations:
             for m in PVC_METHODS:
                 sel = [r for r in mine if r["registration"] == g and r["pvc"] == m]

@@ -130,6 +130,19 @@ class SimulatedSeries:
     def reference_ct_geometry(self) -> Geometry:
         return self.ct_geometry[self.config.reference_index]
 
+    def voi_segmentation(self, max_outside: float = 0.05) -> tuple:
+        """(VOI name -> mask, geometry): the phantom's own VOI labels (its 2 mm grid) where they lie in the
+        reference SPECT's frame (the anatomy shifted by that session's SPECT/CT mismatch) — the segmentation a
+        user draws on a CT that matches the SPECT, finer than the SPECT grid. VOIs more than ``max_outside``
+        outside the reference SPECT's field of view are left out (their truth is the whole organ's)."""
+        from TIAMappingLib.pipeline import fraction_outside
+        g = self.phantom.geometry
+        shift = np.asarray(self.motions[self.config.reference_index].spect_shift_mm, float)
+        grid = Geometry(g.shape, g.spacing, tuple(np.asarray(g.origin) + shift), g.direction)
+        masks = {n: np.isin(self.phantom.labels, v["labels"]) for n, v in self.voi_truth.items()}
+        return {n: m for n, m in masks.items()
+                if m.any() and fraction_outside(m, grid, self.reference_spect_geometry) <= max_outside}, grid
+
     def sessions(self) -> list:
         """Every time point as a SpectCt (CT as float32 HU, SPECT in Bq/mL), for registration."""
         from ..preprocess import SpectCt
