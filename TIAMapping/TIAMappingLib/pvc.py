@@ -280,8 +280,8 @@ def make_regions(segments: dict, seg_geometry: Geometry, target: Geometry, body_
     nz, ny, nx = target.shape
     parts = []
     for code in range(1, len(order) + 1):
-        hit = (fine == code).reshape(nz, sub, ny, sub, nx, sub)
-        parts.append(hit.mean(axis=(1, 3, 5), dtype=np.float32))
+        hit = (fine == code).reshape(nz, sub, ny, sub, nx, sub)      # counted, never a full-size float copy
+        parts.append(hit.sum(axis=(1, 3, 5), dtype=np.uint16).astype(np.float32) / np.float32(sub ** 3))
     rest = np.clip(1.0 - np.sum(parts, axis=0), 0.0, 1.0).astype(np.float32)
     region_names = list(order)
     if body_hu is not None:
