@@ -5,9 +5,10 @@ and on the new commit (e.g. `corx evaluate --out A --methods identity corx`), th
 
     .venv/bin/python scripts/compare_evaluations.py A/pairs.csv B/pairs.csv [--method corx]
 
-prints, per region (body, organs, tumours, mean error in mm), the mean of each run, the paired
-difference B minus A (mean ± standard error), the largest |difference| on one pair and how many
-pairs got better / worse, and the seconds per pair of each run (median).
+prints, per region (body, organs, tumours, mean error in mm), the mean of each run over the pairs both
+ran, the paired difference B minus A (mean ± standard error), the largest |difference| on one pair and
+how many pairs got better / worse, and the seconds per pair of each run (median). Either side may be
+several runs' pairs.csv joined by commas (e.g. one run per protocol); ``--method`` may name several rows.
 """
 import argparse
 import csv
@@ -23,11 +24,13 @@ sys.path[:0] = [str(ROOT / "CoRXRegistration"), str(ROOT / "TIAMapping")]
 from CoRXRegistrationLib.evaluation import PAIRED_ERRORS, paired_differences  # noqa: E402
 
 
-def read_rows(path, method: str, label: str) -> list:
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["method"] == method]
+def read_rows(paths, method: str, label: str) -> list:
+    rows = []
+    for path in str(paths).split(","):
+        with open(path, newline="") as fh:
+            rows += [r for r in csv.DictReader(fh) if r["method"] == method]
     if not rows:
-        raise SystemExit(f"{path}: no rows of method {method!r}")
+        raise SystemExit(f"{paths}: no rows of method {method!r}")
     for r in rows:
         r["method"] = label
         for key, _ in PAIRED_ERRORS:
@@ -39,10 +42,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("before", help="pairs.csv of the first run (A)")
     ap.add_argument("after", help="pairs.csv of the second run (B)")
-    ap.add_argument("--method", default="corx", help="the row to compare (default corx)")
+    ap.add_argument("--method", nargs="+", default=["corx"], help="the rows to compare (default corx)")
     args = ap.parse_args()
-    rows = read_rows(args.before, args.method, "A") + read_rows(args.after, args.method, "B")
-    print(f"{args.method}: B = {args.after} minus A = {args.before}, paired over pairs\n")
+    for method in args.method:
+        compare(args.before, args.after, method)
+
+
+def compare(before, after, method: str) -> None:
+    rows = read_rows(before, method, "A") + read_rows(after, method, "B")
+    both = {(r["dataset"], r["patient"], r["moving_h"]) for r in rows if r["method"] == "A"} & \
+        {(r["dataset"], r["patient"], r["moving_h"]) for r in rows if r["method"] == "B"}
+    rows = [r for r in rows if (r["dataset"], r["patient"], r["moving_h"]) in both]
+    print(f"{method}: B = {after} minus A = {before}, paired over the {len(both)} pairs both ran\n")
     print("| region | A mean (mm) | B mean (mm) | B - A (mean ± SE) | largest abs(B - A) | better / worse in B | pairs |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for key, name in PAIRED_ERRORS:
@@ -54,10 +65,10 @@ def main() -> int:
         se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
         print(f"| {name} | {np.mean(a):.3f} | {np.mean(b):.3f} | {d.mean():+.3f} ± {se:.3f} | "
               f"{np.abs(d).max():.3f} | {int((d < 0).sum())} / {int((d > 0).sum())} | {d.size} |")
-    for label, path in (("A", args.before), ("B", args.after)):
-        seconds = [float(r["seconds"]) for r in read_rows(path, args.method, label)]
+    for label in ("A", "B"):
+        seconds = [float(r["seconds"]) for r in rows if r["method"] == label]
         print(f"\n{label}: median {statistics.median(seconds):.2f} s per pair ({len(seconds)} pairs)", end="")
-    print()
+    print("\n")
     return 0
 
 
