@@ -25,18 +25,14 @@ from CoRXRegistrationLib.evaluation import voi_segments  # noqa: E402
 from CoRXRegistrationLib.resample import resample  # noqa: E402
 from CoRXRegistrationLib.simulation import SimulationConfig, simulate_series  # noqa: E402
 from TIAMappingLib.dose import hu_to_density, local_deposition_dose  # noqa: E402
-from TIAMappingLib.kernel_dose import kernel_dose, kernel_grid  # noqa: E402
+from TIAMappingLib.kernel_dose import kernel_dose  # noqa: E402
 
 
 def round_trip(volume, grid):
     """``volume`` (a concentration) to the kernel grid by volume overlap and back, as kernel_dose moves it."""
-    from TIAMappingLib.kernel_dose import KERNEL_VOXEL_MM, _apply_separable, overlap_matrix
-    kg = kernel_grid(grid)
-    overlaps = [overlap_matrix(n, s, m, KERNEL_VOXEL_MM) for n, s, m in
-                zip(grid.shape, reversed(grid.spacing), kg.shape)]
-    on_kernel = _apply_separable(volume, overlaps) / KERNEL_VOXEL_MM ** 3          # mean concentration
-    back = [m.T / m.sum(axis=0)[:, None] for m in overlaps]
-    return _apply_separable(on_kernel, back).astype(np.float32)
+    from TIAMappingLib.kernel_dose import KernelGridMap
+    maps = KernelGridMap(grid)
+    return maps.from_kernel(maps.to_kernel(volume)).astype(np.float32)
 
 
 def main():

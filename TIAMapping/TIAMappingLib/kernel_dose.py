@@ -73,6 +73,24 @@ def _apply_separable(volume: np.ndarray, matrices) -> np.ndarray:
     return out
 
 
+class KernelGridMap:
+    """Volume-overlap maps between ``geometry`` and the kernel grid of the same centre and orientation."""
+
+    def __init__(self, geometry: Geometry):
+        self.grid = kernel_grid(geometry)
+        # overlap lengths (mm) per axis, z, y, x
+        self.overlaps = [overlap_matrix(n, s, m, KERNEL_VOXEL_MM) for n, s, m in
+                         zip(geometry.shape, reversed(geometry.spacing), self.grid.shape)]
+
+    def to_kernel(self, concentration: np.ndarray) -> np.ndarray:
+        """Mean concentration in each kernel voxel (its content over its volume: every decay kept)."""
+        return _apply_separable(concentration, self.overlaps) / KERNEL_VOXEL_MM ** 3
+
+    def from_kernel(self, volume: np.ndarray) -> np.ndarray:
+        """Each voxel of ``geometry`` the volume-weighted mean of the kernel voxels it overlaps."""
+        return _apply_separable(volume, [m.T / np.maximum(m.sum(axis=0), 1e-12)[:, None] for m in self.overlaps])
+
+
 @lru_cache(maxsize=8)
 def kernel_for_spacing(spacing_xyz: tuple, tissue: str = "soft_tissue") -> np.ndarray:
     """The kernel (mGy/(MBq s)) for voxels of ``spacing_xyz`` mm (array order z, y, x), reaching as far
@@ -111,17 +129,12 @@ def kernel_dose(tia_bq_h_ml: np.ndarray, geometry: Geometry, density_g_ml=None, 
     if native:
         decays_mbq_s = tia * geometry.voxel_volume_ml * 3600.0 / 1e6
     else:
-        grid = kernel_grid(geometry)
-        # overlap lengths per axis (z, y, x); both grids share centre and orientation
-        overlaps = [overlap_matrix(n, s, m, KERNEL_VOXEL_MM) for n, s, m in
-                    zip(geometry.shape, reversed(geometry.spacing), grid.shape)]
-        # decays (MBq s) in each kernel voxel: concentration x overlapped volume (mL = mm^3 / 1000)
-        decays_mbq_s = _apply_separable(tia, overlaps) / 1000.0 * 3600.0 / 1e6
+        maps = KernelGridMap(geometry)
+        decays_mbq_s = maps.to_kernel(tia) * maps.grid.voxel_volume_ml * 3600.0 / 1e6
     dose = signal.fftconvolve(decays_mbq_s, kernel, mode="same") / 1000.0
     dose = np.clip(dose, 0.0, None)
-    if not native:                          # back: each voxel the volume-weighted mean of what it overlaps
-        back = [m.T / np.maximum(m.sum(axis=0), 1e-12)[:, None] for m in overlaps]
-        dose = _apply_separable(dose, back)
+    if not native:
+        dose = maps.from_kernel(dose)
     dose = dose.astype(np.float32)
     if density_g_ml is not None:
         rho = np.asarray(density_g_ml, np.float64)

@@ -409,6 +409,7 @@ def correct_series(activities, geometry: Geometry, regions: Regions, method: str
     totals = np.zeros((len(activities), n_seg))
     recovery_t = np.zeros_like(totals)
     corrected, cache, condition, gain = [], {}, None, None
+    share = regions.overlap_ml / np.maximum(seg_ml[:, None], 1e-12)       # each segment's part of each region
     for t, (image, res) in enumerate(zip(activities, resolutions)):
         if progress is not None:
             progress(t / len(activities), f"partial-volume correction ({method}), time point {t + 1}")
@@ -419,17 +420,16 @@ def correct_series(activities, geometry: Geometry, regions: Regions, method: str
             totals[t] = observed / rc * seg_ml / 1e6
             recovery_t[t] = rc
             continue
-        if res not in cache:
-            cache[res] = transfer_matrix(regions, geometry, res)
+        if res not in cache:              # one matrix, condition and noise gain per distinct resolution
+            tm = transfer_matrix(regions, geometry, res)
+            cache[res] = tm
+            condition = max(condition or 0.0, tm.condition)
+            gain = np.maximum(gain if gain is not None else 0.0, share @ tm.noise_gain(regions))
         tm = cache[res]
         c = gtm_concentrations(image, regions, tm)
         totals[t] = segment_totals_mbq(c, regions)
         with np.errstate(divide="ignore", invalid="ignore"):
             recovery_t[t] = observed * seg_ml / 1e6 / totals[t]
-        condition = max(condition or 0.0, tm.condition)
-        g = tm.noise_gain(regions)
-        share = regions.overlap_ml / np.maximum(seg_ml[:, None], 1e-12)
-        gain = np.maximum(gain if gain is not None else 0.0, share @ g)
         if method == "rbv":
             corrected.append(rbv(image, regions, tm, c))
     warnings = {}
