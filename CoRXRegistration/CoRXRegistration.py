@@ -667,7 +667,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         out = {"ct": [], "spect": [], "times_h": list(manifest.hours), "truth_transforms": {}}
         for i, hours in enumerate(manifest.hours):
             for key, source in (("ct", manifest.ct_paths[i]), ("spect", manifest.spect_paths[i])):
-                array, geometry = read_source(source)
+                array, geometry = read_source(source, key)
                 out[key].append(addVolumeNode(array, geometry, f"{key.upper()} {hours:g}h"))
             truth = manifest.truth_path(i, "field_spect") if loadTruth else None
             if truth is not None:

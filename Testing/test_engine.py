@@ -69,6 +69,21 @@ def test_register_produces_native_outputs_on_the_fixed_grids(small_series, tiny_
     assert summary["grids"]["warped_ct"] == "fixed CT"
 
 
+def test_a_ct_read_as_16_bit_integers_registers_as_the_same_ct_in_float(small_series_dir, tiny_model):
+    """A 16-bit CT file stays int16 in memory (half the memory); the network still sees it interpolated,
+    not rounded, so the registration is that of the same CT held as float32."""
+    from CoRXRegistrationLib.preprocess import SpectCt
+    from CoRXRegistrationLib.series_io import read_series
+    sessions = read_series(small_series_dir).sessions()
+    assert all(s.ct.dtype == np.int16 and s.spect.dtype == np.float32 for s in sessions)
+    as_float = [SpectCt(s.ct.astype(np.float32), s.ct_geometry, s.spect, s.spect_geometry) for s in sessions]
+    a = register(sessions[0], sessions[1], model=tiny_model, device="cpu")
+    b = register(as_float[0], as_float[1], model=tiny_model, device="cpu")
+    np.testing.assert_array_equal(a.field_spect, b.field_spect)
+    np.testing.assert_array_equal(a.warped_spect, b.warped_spect)
+    np.testing.assert_array_equal(a.warped_ct, np.rint(b.warped_ct).astype(np.int16))
+
+
 def test_warped_ct_on_the_spect_grid_is_the_same_warp_sampled_there(small_series, tiny_model, tmp_path):
     """``ct_grid="spect"`` (what ``corx register`` writes by default) warps the moving CT through the same
     CT-driven field onto the fixed SPECT grid; the warp onto the CT grid, resampled there, agrees with it

@@ -41,15 +41,29 @@ def test_volume_round_trip_keeps_geometry_and_values(mrml_scene):
 
 def test_displacement_field_file_loads_as_grid_transform_with_right_sign(mrml_scene, tmp_path):
     g = oblique_geometry()
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in g.shape), indexing="ij")
     field = np.zeros(g.shape + (3,), np.float32)
-    field[..., 0] = 1.5   # +1.5 mm LPS x = towards patient left = -1.5 mm in RAS x
-    field[..., 2] = -2.0  # 2 mm inferior
-    path = write_displacement_field(tmp_path / "f.nrrd", field, g)
+    field[..., 0] = 1.5 + 0.25 * x    # + mm LPS x = towards patient left = - mm in RAS x
+    field[..., 1] = 0.125 * y - 0.5 * z
+    field[..., 2] = -2.0 + 0.5 * z    # inferior where negative
+    path = write_displacement_field(tmp_path / "f.nrrd", field, g)     # components stored plane by plane
     node = read_with_storage(mrml_scene["scene"], slicer.vtkMRMLGridTransformNode(),
                              slicer.vtkMRMLTransformStorageNode(), path)
-    p = lps_to_ras(g.index_to_lps([3, 3, 2]))
-    moved = node.GetTransformFromParent().TransformPoint(list(p))
-    np.testing.assert_allclose(np.subtract(moved, p), [-1.5, 0.0, -2.0], atol=1e-4)
+    for k, j, i in [(3, 3, 2), (1, 5, 7), (5, 0, 4)]:             # (z, y, x) voxel indices
+        p = lps_to_ras(g.index_to_lps([i, j, k]))
+        moved = node.GetTransformFromParent().TransformPoint(list(p))
+        lps = field[k, j, i]
+        np.testing.assert_allclose(np.subtract(moved, p), [-lps[0], -lps[1], lps[2]], atol=1e-4)
+
+
+def test_rgb_deformation_file_loads_as_a_vector_volume(mrml_scene, tmp_path):
+    from CoRXRegistrationLib.imageio import write_image
+    g = oblique_geometry()
+    rgb = np.random.default_rng(0).integers(0, 256, g.shape + (3,), dtype=np.uint8)
+    path = write_image(tmp_path / "rgb.nrrd", rgb, g, is_vector=True)
+    node = read_with_storage(mrml_scene["scene"], slicer.vtkMRMLVectorVolumeNode(),
+                             slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), rgb)
 
 
 def test_grid_transform_node_from_field_matches_file_convention(mrml_scene):

@@ -175,6 +175,13 @@ def test_jacobian_of_affine_fields_and_folding_count():
     assert 0 < float(nonpositive_jacobian_percent(fold)) < 100
 
 
+def test_jacobian_in_slabs_equals_the_whole_volume_at_once():
+    u = torch.randn(1, 3, 41, 9, 11, generator=torch.Generator().manual_seed(2))
+    whole = jacobian_determinant(u, slab=10 ** 6)
+    for slab in (1, 5, 16):
+        torch.testing.assert_close(jacobian_determinant(u, slab=slab), whole, rtol=0, atol=0)
+
+
 def test_scaling_and_squaring_gives_no_folding_where_the_raw_field_folds():
     g = torch.Generator().manual_seed(4)
     v = torch.randn(1, 3, 6, 6, 6, generator=g) * 3.0

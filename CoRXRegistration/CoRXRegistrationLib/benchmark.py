@@ -13,6 +13,8 @@ import time
 import numpy as np
 import torch
 
+from .memory import release_free_memory
+
 
 def _maxrss_mb(ru_maxrss: int) -> float:
     """getrusage's ru_maxrss in MB (kB on Linux, bytes on macOS)."""
@@ -43,17 +45,9 @@ class PeakMemory:
         except (OSError, ValueError, IndexError):
             return None
 
-    @staticmethod
-    def _release_free_heap() -> None:
-        import ctypes
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):        # not glibc: the entry level may include freed pages
-            pass
-
     def __enter__(self):
         import threading
-        self._release_free_heap()
+        release_free_memory()      # not glibc: the entry level may include freed pages
         self._base = self._rss_mb()
         self._top = self._base
         self._stop = threading.Event()

@@ -15,6 +15,7 @@ from pathlib import Path
 from .baselines import ROW_ORDER
 from .geometry import GeometryError
 from .imageio import ImageFileError
+from .memory import one_malloc_arena
 from .progress import TerminalProgress
 
 # The comparison rows of `corx evaluate`, trained by the bundled model's recipe (NETWORK=transmorph-cpu or
@@ -212,9 +213,19 @@ def _cmd_model_info(args) -> int:
     return 0
 
 
+def _read_while_importing_torch(read):
+    """``read()`` in a thread while this one imports torch (about 1 s; SimpleITK reads and decompresses
+    without holding the interpreter), so a command's start-up and the reading of its inputs overlap."""
+    import importlib
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reading = pool.submit(read)
+        importlib.import_module("torch")
+        return reading.result()
+
+
 def _cmd_register(args) -> int:
-    from .engine import register, registration_outputs, write_registration
-    from .network.spect_offset import SpectOffsetConfig
+    from .outputs import registration_outputs
     from .series_io import read_sessions, source_files, volume_source
 
     allow = _allow(args)
@@ -224,7 +235,10 @@ def _cmd_register(args) -> int:
                                (args.moving_spect, "spect"))]
     inputs = [f for s in sources for f in source_files(s)]
     plan = registration_outputs(args.out, protected=inputs).prepare(args.overwrite)     # before any work
-    fixed, moving = read_sessions([(sources[0], sources[1], "fixed"), (sources[2], sources[3], "moving")])
+    fixed, moving = _read_while_importing_torch(
+        lambda: read_sessions([(sources[0], sources[1], "fixed"), (sources[2], sources[3], "moving")]))
+    from .engine import register, write_registration
+    from .network.spect_offset import SpectOffsetConfig
     result = register(fixed, moving, model=args.model, device=args.device, refine_iterations=args.refine,
                       progress=TerminalProgress("register"), spect_offset=False if args.no_spect_offset else None,
                       spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift), allow=allow,
@@ -242,8 +256,7 @@ def _cmd_register(args) -> int:
 
 
 def _cmd_register_series(args) -> int:
-    from .demo import check_outside_inputs, register_series, registration_summary
-    from .network.spect_offset import SpectOffsetConfig
+    from .series_registration import check_outside_inputs, register_series, registration_summary
     from .outputs import OutputSet, write_text
     from .series_io import read_series
 
@@ -253,9 +266,10 @@ def _cmd_register_series(args) -> int:
     out = Path(args.out)
     check_outside_inputs(out, manifest)
     qa = OutputSet(out, ["registration_qa.json"]).prepare(args.overwrite)
+    sessions = _read_while_importing_torch(manifest.sessions)
+    from .network.spect_offset import SpectOffsetConfig
     print(f"{manifest.patient_id}: {len(manifest.hours)} time points {manifest.hours} h, reference "
           f"{manifest.hours[manifest.reference_index]:g} h; {_threads_line()}")
-    sessions = manifest.sessions()
     _, pairs = register_series(sessions, manifest.hours, manifest.reference_index, out, model=args.model,
                                device=args.device, overwrite=args.overwrite,
                                protected=manifest.input_files(),
@@ -799,21 +813,6 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(ROW_ORDER))
     b.set_defaults(func=_cmd_benchmark)
     return p
-
-
-def one_malloc_arena() -> bool:
-    """Ask glibc (Linux) for a single malloc arena, before any thread starts. The reading, SSIM and
-    writing threads otherwise each get an arena that keeps what they freed: a 4-time-point series then
-    peaks at 1.72-1.76 GB instead of 1.54-1.59 GB, in the same time (2-core CPU, docs/evaluation.md).
-    True when set; a no-op elsewhere. The command line does this; the Slicer modules leave Slicer's
-    process alone."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    try:
-        return bool(ctypes.CDLL(None).mallopt(-8, 1))          # M_ARENA_MAX = -8 in glibc's malloc.h
-    except (OSError, AttributeError):
-        return False
 
 
 def main(argv=None) -> int:

@@ -73,7 +73,7 @@ def run_dosimetry(manifest, out_dir, model="bundled", device="auto", overwrite=F
     :class:`~CoRXRegistrationLib.series_io.SeriesManifest` (files or DICOM); ``segmentation``: a label map or
     .seg.nrrd on any grid (default: the manifest's); ``pvc``: :class:`TIAMappingLib.pvc.PVCSettings`. Every output
     is checked before any work."""
-    from .demo import check_outside_inputs, register_series, registration_summary
+    from .series_registration import check_outside_inputs, register_series, registration_summary
     t0 = time.perf_counter()
     out = Path(out_dir)
     check_outside_inputs(out, manifest)

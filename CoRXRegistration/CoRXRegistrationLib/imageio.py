@@ -238,10 +238,46 @@ def _write_sitk(image: sitk.Image, path: Path, compress: bool = True) -> Path:
             raise OSError(f"{path}: the written file does not read back as written")
 
     with atomic_path(path, verify) as tmp:
-        # zlib level 3: a third smaller than level 1 for a displacement field, about 0.07 s more for one on a
-        # 128 x 128 x 96 SPECT grid (the NIfTI writer keeps its own level)
-        sitk.WriteImage(image, str(tmp), useCompression=compress, compressionLevel=3)
+        if image.GetNumberOfComponentsPerPixel() > 1 and path.name.lower().endswith(".nrrd"):
+            _write_planar_nrrd(image, tmp, compress)
+        else:
+            # zlib level 3: a third smaller than level 1 for a displacement field, about 0.07 s more for one on
+            # a 128 x 128 x 96 SPECT grid (the NIfTI writer keeps its own level)
+            sitk.WriteImage(image, str(tmp), useCompression=compress, compressionLevel=3)
     return path
+
+
+_NRRD_TYPES = {"uint8": "uint8", "int16": "int16", "uint16": "uint16", "int32": "int32", "float32": "float",
+               "float64": "double"}
+
+
+def _write_planar_nrrd(image: sitk.Image, path: Path, compress: bool = True) -> None:
+    """A vector image as NRRD with its components on the slowest axis ("kinds: domain domain domain
+    vector"), each component a whole volume: smooth fields and RGB maps compress to 0.6-0.75 and 0.4 of
+    the interleaved layout SimpleITK writes. ITK's NRRD reader (Slicer's transform and volume loaders,
+    SimpleITK) moves the vector axis back on reading; the header keeps the image's metadata
+    (e.g. ``displacement field type``). gzip level 5: 9 % smaller than level 3 in the same time on a
+    displacement field (level 6 is 2.3x slower for 8 % more)."""
+    array = sitk.GetArrayViewFromImage(image)                     # (z, y, x, c)
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    if dtype.name not in _NRRD_TYPES:
+        raise ImageFileError(f"{path}: no NRRD type for {array.dtype}")
+    planar = np.ascontiguousarray(np.moveaxis(array, -1, 0), dtype=dtype)   # (c, z, y, x): x fastest, c slowest
+    spacing, direction = image.GetSpacing(), np.asarray(image.GetDirection()).reshape(3, 3)
+    vectors = " ".join("(" + ",".join(repr(float(v)) for v in direction[:, i] * spacing[i]) + ")" for i in range(3))
+    x, y, z = image.GetSize()
+    lines = ["NRRD0004", "# Complete NRRD file format specification at:",
+             "# http://teem.sourceforge.net/nrrd/format.html",
+             f"type: {_NRRD_TYPES[dtype.name]}", "dimension: 4", "space: left-posterior-superior",
+             f"sizes: {x} {y} {z} {planar.shape[0]}", f"space directions: {vectors} none",
+             "kinds: domain domain domain vector", "endian: little",
+             f"encoding: {'gzip' if compress else 'raw'}",
+             "space origin: (" + ",".join(repr(float(v)) for v in image.GetOrigin()) + ")"]
+    lines += [f"{key}:={image.GetMetaData(key)}" for key in image.GetMetaDataKeys()]
+    data = planar.tobytes()
+    with open(path, "wb") as fh:
+        fh.write(("\n".join(lines) + "\n\n").encode("ascii"))
+        fh.write(gzip.compress(data, compresslevel=5, mtime=0) if compress else data)
 
 
 def read_image(path, dtype=np.float32, require_finite: bool = True):

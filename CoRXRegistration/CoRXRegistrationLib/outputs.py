@@ -141,3 +141,14 @@ def write_csv(path, header: list, rows: list) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return write_text(path, buf.getvalue())
+
+
+#: The files one registered pair writes (``engine.write_registration``).
+REGISTRATION_OUTPUTS = ("field_spect.nrrd", "warped_spect.nii.gz", "warped_ct.nii.gz", "jacobian.nii.gz",
+                        "deformation_rgb.nrrd", "field_network.nrrd", "metrics.json")
+
+
+def registration_outputs(out_dir, protected=()) -> OutputSet:
+    """The files ``engine.write_registration`` writes into ``out_dir`` (check with ``.prepare(overwrite)``
+    before registering); ``protected``: the user's inputs, never written."""
+    return OutputSet(out_dir, REGISTRATION_OUTPUTS, inputs=protected)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .geometry import Geometry, GeometryError
-from .resample import resample, resample_field
+from .resample import resample, resample_field, warp_with_field
 
 SPECT_NORMALISATIONS = ("minmax", "log")
 PREALIGN_METHODS = ("none", "rigid")
@@ -128,7 +128,9 @@ def onto_grid(session: SpectCt, grid: Geometry, cfg: PreprocessConfig) -> tuple:
     """(CT in HU, SPECT in Bq/mL) of one session resampled onto ``grid`` (float32, (Z, Y, X) each).
     CT outside its field of view is air; SPECT as :func:`spect_onto_grid`."""
     spect = spect_onto_grid(session, grid)
-    ct = resample(session.ct, session.ct_geometry, grid, fill=min(cfg.ct_window_hu[0], -1000.0))
+    # interpolated, not rounded, when the CT is stored as integers (a 16-bit CT file, a Slicer CT node)
+    ct = warp_with_field(session.ct, session.ct_geometry, grid, fill=min(cfg.ct_window_hu[0], -1000.0),
+                         round_integers=False)
     return ct, spect
 
 

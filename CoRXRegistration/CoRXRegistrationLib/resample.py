@@ -166,13 +166,14 @@ def _target_grid_args(target: Geometry) -> tuple:
 
 
 def warp_with_field(volume: np.ndarray, source: Geometry, target: Geometry, displacement=None,
-                    field_geometry: Geometry | None = None, mode: str = "linear", fill: float = 0.0) -> np.ndarray:
+                    field_geometry: Geometry | None = None, mode: str = "linear", fill: float = 0.0,
+                    round_integers: bool = True) -> np.ndarray:
     """``volume`` on ``source`` sampled at p + u(p) for every voxel centre p of ``target`` (SimpleITK).
 
     ``displacement``: None (grid to grid) or a (z, y, x, 3) LPS-mm field on ``field_geometry`` (default:
     ``target``), interpolated linearly, edge vectors continuing outside it. Outside ``source`` the value
     is ``fill`` (blending towards it within one voxel of the edge). Returns float32 for float input,
-    else the input dtype (integers rounded)."""
+    else the input dtype (integers rounded; with ``round_integers=False`` float32, as interpolated)."""
     import SimpleITK as sitk
     volume = np.asarray(volume)
     image, kind = _sitk_source(volume, source, mode, fill)
@@ -184,7 +185,7 @@ def warp_with_field(volume: np.ndarray, source: Geometry, target: Geometry, disp
     array = sitk.GetArrayFromImage(out)
     if kind == "bool":
         return array > 0.5
-    if kind == "int":
+    if kind == "int" and round_integers:
         info = np.iinfo(volume.dtype)
         return np.clip(np.rint(array), info.min, info.max).astype(volume.dtype)
     return array

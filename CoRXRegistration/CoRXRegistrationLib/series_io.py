@@ -104,9 +104,9 @@ def read_sessions(specs) -> list:
     decompressed in parallel threads (SimpleITK releases the interpreter while it reads); the first
     error is raised, as reading them one by one would."""
     from concurrent.futures import ThreadPoolExecutor
-    paths = [p for ct, spect, _ in specs for p in (ct, spect)]
-    with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-        images = list(pool.map(read_source, paths))
+    jobs = [(p, kind) for ct, spect, _ in specs for p, kind in ((ct, "ct"), (spect, "spect"))]
+    with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        images = list(pool.map(lambda job: read_source(*job), jobs))
     return [SpectCt(*images[2 * n], *images[2 * n + 1], label=label) for n, (_, _, label) in enumerate(specs)]
 
 
@@ -115,9 +115,18 @@ def source_files(source) -> list:
     return source.files if hasattr(source, "files") else [source]
 
 
-def read_source(source) -> tuple:
-    """(array, geometry) of an image file, or of a :class:`~CoRXRegistrationLib.dicom_series.DicomSource`."""
-    return source.read() if hasattr(source, "read") else read_image(source)
+def read_source(source, kind: str = "spect") -> tuple:
+    """(array, geometry) of an image file, or of a :class:`~CoRXRegistrationLib.dicom_series.DicomSource`.
+    A CT (``kind="ct"``) stored as 16-bit integers stays int16 (HU, half the memory of float32: 0.16 GB
+    less per 512 x 512 x 300 CT); every other volume is float32."""
+    if hasattr(source, "read"):
+        return source.read()
+    if kind != "ct":
+        return read_image(source)
+    array, geometry = read_image(source, dtype=None)
+    if array.dtype in (np.int8, np.uint8, np.int16):
+        return array.astype(np.int16, copy=False), geometry
+    return array.astype(np.float32, copy=False), geometry
 
 
 def volume_source(path, kind: str, calibration=None, injection=None):

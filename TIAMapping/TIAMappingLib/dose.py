@@ -8,7 +8,6 @@ get no dose and are counted, because local deposition in air is meaningless.
 from __future__ import annotations
 
 import numpy as np
-from scipy import signal
 
 from .nuclides import LU177, Nuclide
 
@@ -43,9 +42,11 @@ def local_deposition_dose(tia_bq_h_ml: np.ndarray, density_g_ml=None, nuclide: N
 def voxel_s_value_dose(tia_bq_h_ml: np.ndarray, voxel_volume_ml: float, kernel_gy_per_bq_s: np.ndarray):
     """Dose (Gy) = (TIA x voxel volume x 3600) convolved with a voxel-S-value kernel (Gy/(Bq s)).
 
-    The kernel must be computed for this nuclide and this voxel size, odd-sized and centred.
-    No kernel is bundled with CoRX.
+    The kernel must be computed for this nuclide and this voxel size, odd-sized and centred (the bundled
+    177Lu kernels, rescaled to any grid: :mod:`kernel_dose`).
     """
+    from scipy import signal             # here, not at import: scipy.signal loads scipy.stats (0.13 s)
+
     k = np.asarray(kernel_gy_per_bq_s, np.float64)
     if k.ndim != 3 or any(n % 2 == 0 for n in k.shape):
         raise ValueError("voxel-S-value kernel must be a 3D array with odd size along every axis")

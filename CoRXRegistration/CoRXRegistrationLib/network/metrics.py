@@ -35,20 +35,24 @@ def minmax_normalise(image: torch.Tensor) -> torch.Tensor:
     return (x - lo) / torch.clamp(hi - lo, min=torch.finfo(x.dtype).tiny)
 
 
-def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a window^3 box clipped at the volume edges (separable running sums, O(N) per axis)."""
+def _box_mean(x: torch.Tensor, window: int, adjoint: bool = False) -> torch.Tensor:
+    """Mean over a window^3 box clipped at the volume edges (separable running sums, O(N) per axis).
+    ``adjoint``: the transposed operator (each axis divided by its box count before summing, not after),
+    what the gradient of a sum of box means needs."""
     r = window // 2
     out = x
     for axis in (2, 3, 4):
         n = out.shape[axis]
-        padded = F.pad(out, [0, 0] * (4 - axis) + [r + 1, r])
-        csum = padded.cumsum(dim=axis)
-        out = csum.narrow(axis, window, n) - csum.narrow(axis, 0, n)
         idx = torch.arange(n, device=x.device, dtype=x.dtype)
-        count = torch.clamp(idx + r, max=n - 1) - torch.clamp(idx - r, min=0) + 1
-        shape = [1, 1, 1, 1, 1]
-        shape[axis] = n
-        out = out / count.view(shape)
+        count = (torch.clamp(idx + r, max=n - 1) - torch.clamp(idx - r, min=0) + 1).view(
+            [n if a == axis else 1 for a in range(5)])
+        if adjoint:
+            out = out / count
+        csum = F.pad(out, [0, 0] * (4 - axis) + [r + 1, r]).cumsum(dim=axis)
+        out = csum.narrow(axis, window, n) - csum.narrow(axis, 0, n)
+        del csum                                  # freed before the next axis: a third less peak memory
+        if not adjoint:
+            out = out.div_(count)
     return out
 
 
@@ -68,14 +72,36 @@ def local_statistics(a: torch.Tensor, window: int = 9) -> tuple:
     return a, mu_a, torch.clamp(_box_mean(a * a, window) - mu_a * mu_a, min=0.0), window
 
 
+def _cc_terms(fixed_statistics: tuple, b: torch.Tensor, eps: float) -> tuple:
+    """(mu_b, cross covariance, var_b before clamping, denominator) of the local squared correlation."""
+    a, mu_a, var_a, window = fixed_statistics
+    n = b.shape[0]
+    mu_b, mean_ab, mean_bb = _box_mean(torch.cat([b, a * b, b * b]), window).split(n)
+    cross = mean_ab - mu_a * mu_b
+    var_b = mean_bb - mu_b * mu_b
+    return mu_b, cross, var_b, var_a * torch.clamp(var_b, min=0.0) + eps / float(window) ** 6
+
+
 def local_cc_squared_against(fixed_statistics: tuple, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """:func:`local_cc_squared` of the fixed image of ``fixed_statistics`` (:func:`local_statistics`) and ``b``."""
+    _, cross, _, denominator = _cc_terms(fixed_statistics, _as5d(b), eps)
+    return cross * cross / denominator
+
+
+def mean_local_cc_squared_and_gradient(fixed_statistics: tuple, b: torch.Tensor, eps: float = 1e-5) -> tuple:
+    """(mean of :func:`local_cc_squared_against` over all voxels, its gradient with respect to ``b``),
+    without autograd: the gradient in closed form, three transposed box means, about twice as fast as
+    differentiating the box sums (one image, B = 1)."""
     a, mu_a, var_a, window = fixed_statistics
-    b = _as5d(b)
-    mu_b = _box_mean(b, window)
-    cross = _box_mean(a * b, window) - mu_a * mu_b
-    var_b = torch.clamp(_box_mean(b * b, window) - mu_b * mu_b, min=0.0)
-    return cross * cross / (var_a * var_b + eps / float(window) ** 6)
+    b = _as5d(b).detach()
+    mu_b, cross, var_b, denominator = _cc_terms(fixed_statistics, b, eps)
+    cc = cross * cross / denominator
+    count = float(cc.numel())
+    g_cross = 2.0 * cross / denominator / count                       # d mean / d cross
+    g_var = torch.where(var_b > 0, -cc * var_a / denominator / count, torch.zeros_like(cc))   # d mean / d var_b
+    g_mean_ab, g_mean_bb, g_mu_b = g_cross, g_var, -mu_a * g_cross - 2.0 * mu_b * g_var
+    adj_ab, adj_bb, adj_mu = _box_mean(torch.cat([g_mean_ab, g_mean_bb, g_mu_b]), window, adjoint=True).split(1)
+    return cc.mean(), a * adj_ab + 2.0 * b * adj_bb + adj_mu
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9) -> torch.Tensor:
@@ -103,13 +129,16 @@ def _separable_blur_scipy(x: torch.Tensor, kernel: torch.Tensor):
     weights = kernel.detach().double().cpu().numpy()
     volumes = x.detach().reshape((-1,) + tuple(x.shape[2:])).numpy()
 
-    def blur(volume):
+    out = np.empty_like(volumes)
+
+    def blur(i):
+        volume = volumes[i]
         for axis in range(3):
             volume = ndimage.correlate1d(volume, weights, axis=axis, mode="nearest")
-        return volume
+        out[i] = volume                  # into one preallocated array: no second copy of the whole stack
     with ThreadPoolExecutor(max(1, min(len(volumes), torch.get_num_threads()))) as pool:
-        out = list(pool.map(blur, volumes))
-    return torch.from_numpy(np.stack(out)).reshape(x.shape)
+        list(pool.map(blur, range(len(volumes))))
+    return torch.from_numpy(out).reshape(x.shape)
 
 
 def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -166,18 +195,33 @@ def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (_as5d(a) - _as5d(b)).abs().flatten(1).mean(dim=1)
 
 
-def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
-    """det(I + du/dp) of (B, 3, Z, Y, X) voxel displacements, central differences; (B, Z, Y, X)."""
-    u = torch.as_tensor(displacement)
-    if u.dim() == 4:
-        u = u[None]
-    if u.dim() != 5 or u.shape[1] != 3:
-        raise ValueError(f"displacement must be (B, 3, Z, Y, X), got {tuple(u.shape)}")
+def _determinant_of(u: torch.Tensor) -> torch.Tensor:
     g = [torch.gradient(u[:, c], dim=(1, 2, 3)) for c in range(3)]   # g[c][d] = du_c / dp_d
     j = [[g[r][c] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
     return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
             - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def jacobian_determinant(displacement: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """det(I + du/dp) of (B, 3, Z, Y, X) voxel displacements, central differences; (B, Z, Y, X).
+    Without gradients it is computed ``slab`` z-slices at a time (one slice of overlap each side, so the
+    values are those of the whole volume at once): the nine derivative volumes of a 128^3 field otherwise
+    take about 0.2 GB."""
+    u = torch.as_tensor(displacement)
+    if u.dim() == 4:
+        u = u[None]
+    if u.dim() != 5 or u.shape[1] != 3:
+        raise ValueError(f"displacement must be (B, 3, Z, Y, X), got {tuple(u.shape)}")
+    depth = u.shape[2]
+    if (torch.is_grad_enabled() and u.requires_grad) or depth <= slab + 2:
+        return _determinant_of(u)
+    out = torch.empty((u.shape[0],) + tuple(u.shape[2:]), dtype=u.dtype, device=u.device)
+    for z0 in range(0, depth, slab):
+        z1 = min(z0 + slab, depth)
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, depth)
+        out[:, z0:z1] = _determinant_of(u[:, :, lo:hi])[:, z0 - lo: z1 - lo]
+    return out
 
 
 def nonpositive_jacobian_percent(displacement: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

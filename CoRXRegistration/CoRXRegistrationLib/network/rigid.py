@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..preprocess import PREALIGN_METHODS
 from ..progress import check_cancel
+from .optimisers import Adam
 from .transform import _identity_grid, sample_on, voxels_to_sampling, warp
 
 
@@ -89,7 +90,7 @@ def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: 
         for factor, iterations in cfg.levels:
             f, m, w = (F.avg_pool3d(x, factor) if factor > 1 else x for x in (fixed_ct, moving_ct, weight))
             level_scale = scale * torch.tensor([1.0] * 3 + [1.0 / factor] * 3, device=fixed_ct.device)
-            opt = torch.optim.Adam([params], lr=cfg.lr_rotation)
+            opt = Adam([params], lr=cfg.lr_rotation)
             shape = tuple(f.shape[2:])
             identity = _identity_grid(shape, fixed_ct.device, params.dtype)      # made once per level
             for _ in range(iterations):

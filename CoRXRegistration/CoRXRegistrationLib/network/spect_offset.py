@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..progress import check_cancel
-from .metrics import gaussian_blur, local_cc_squared_against, local_statistics
+from .metrics import gaussian_blur, local_cc_squared_against, local_statistics, mean_local_cc_squared_and_gradient
+from .optimisers import lbfgs_minimise
 from .transform import _identity_grid, sample_on, voxels_to_sampling
 
 
@@ -109,38 +110,42 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
     voxels_per_mm = float(torch.linalg.vector_norm(per_mm))
     along = per_mm / voxels_per_mm          # unit vector: s is fitted in voxels, as t is
 
-    # the voxel positions of the fit region in the moving grid, made once (warp() would make them at every call)
+    # the fit region's points p + u(p) in grid_sample units, made once; t and s move them linearly
     offset = torch.tensor(origin, device=field.device, dtype=field.dtype).view(1, 3, 1, 1, 1)
     positions = _identity_grid(tuple(field.shape[2:]), field.device, field.dtype)[None] + offset
-    weight_region = None if weight is None else weight[region]
+    shape = tuple(moving.shape[2:])
+    base = voxels_to_sampling(positions + field, shape)                       # (1, Z, Y, X, 3)
+    weight_region = None if weight is None else weight[region][0, 0, ..., None]
 
-    def lncc_at(t, s):
-        moved = field + t if weight is None else field + t + weight_region * (s * along)
-        points = voxels_to_sampling(positions + moved, tuple(moving.shape[2:]))
-        return local_cc_squared_against(fixed, sample_on(moving, points)).mean()
+    def sampled(t, s):
+        points = base + voxels_to_sampling(t, shape, positions=False)
+        if weight is not None:
+            points = points + weight_region * voxels_to_sampling(s * along, shape, positions=False)
+        return sample_on(moving, points)
 
-    t = torch.zeros(1, 3, 1, 1, 1, dtype=field.dtype, device=field.device, requires_grad=True)
-    s = torch.zeros((), dtype=field.dtype, device=field.device, requires_grad=True)
-    optimiser = torch.optim.LBFGS([t, s] if weight is not None else [t], lr=1.0, max_iter=config.max_iterations,
-                                  line_search_fn="strong_wolfe")
-    evaluations = 0
+    def split(x: torch.Tensor) -> tuple:
+        x = x.to(field.dtype).to(field.device)
+        return x[:3].view(1, 3, 1, 1, 1), (x[3] if weight is not None else x.new_zeros(()))
 
-    def closure():
-        nonlocal evaluations
+    def negative_lncc_and_gradient(x: torch.Tensor) -> tuple:
         check_cancel(cancel, "during the SPECT/CT offset fit")
-        evaluations += 1
-        optimiser.zero_grad()
-        loss = -lncc_at(t, s)
-        loss.backward()
-        return loss
+        with torch.enable_grad():
+            p = x.detach().to(field.dtype).to(field.device).clone().requires_grad_(True)
+            t, s = split(p)
+            b = sampled(t, s)
+            value, d_b = mean_local_cc_squared_and_gradient(fixed, b.detach())
+            (d_p,) = torch.autograd.grad(b, p, grad_outputs=d_b)
+        return -float(value), -d_p
 
-    with torch.enable_grad():
-        before = -float(optimiser.step(closure).detach())      # L-BFGS returns its first evaluation: t = 0
+    x, start, evaluations = lbfgs_minimise(negative_lncc_and_gradient, torch.zeros(4 if weight is not None else 3),
+                                           max_iterations=config.max_iterations)
+    before = -start
+    t, s = split(x)
     with torch.no_grad():
-        after = float(lncc_at(t, s))
-    offset = tuple(float(v) for v in t.detach().flatten().cpu())
-    size_mm = float(torch.linalg.vector_norm(t.detach())) * spacing_mm
-    organ_mm = float(s.detach()) / voxels_per_mm
+        after = float(local_cc_squared_against(fixed, sampled(t, s)).mean())
+    offset = tuple(float(v) for v in t.flatten().cpu())
+    size_mm = float(torch.linalg.vector_norm(t)) * spacing_mm
+    organ_mm = float(s) / voxels_per_mm
     if weight is not None and math.isfinite(organ_mm) and abs(organ_mm) > config.max_organ_shift_mm:
         alone = fit_spect_offset(fixed_spect, moving_spect, displacement, spacing_mm,
                                  replace(config, organ_shift=False), cranio_caudal_voxels)
