@@ -180,11 +180,14 @@ def warp_with_field(volume: np.ndarray, source: Geometry, target: Geometry, disp
     transform = sitk.Transform() if displacement is None else \
         _sitk_field_transform(displacement, field_geometry or target, target)
     size, origin, spacing, direction = _target_grid_args(target)
+    exact = mode == "nearest" and kind != "float"      # nearest labels come back in their own type, unrounded
     out = sitk.Resample(image, size, transform, sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor,
-                        origin, spacing, direction, float(fill), sitk.sitkFloat32)
+                        origin, spacing, direction, float(fill), image.GetPixelID() if exact else sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(out)
     if kind == "bool":
-        return array > 0.5
+        return array > 0 if exact else array > 0.5
+    if exact:
+        return array.astype(volume.dtype, copy=False)
     if kind == "int" and round_integers:
         info = np.iinfo(volume.dtype)
         return np.clip(np.rint(array), info.min, info.max).astype(volume.dtype)

@@ -18,6 +18,8 @@ voxel), so a VOI's volume is that of the segmentation, not of a coarse mask. Nee
 """
 from __future__ import annotations
 
+import itertools
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +253,19 @@ def _supersampled(target: Geometry, sub: int) -> Geometry:
     return Geometry(tuple(n * sub for n in target.shape), tuple(spacing), tuple(origin), target.direction)
 
 
+def _target_box(mask: np.ndarray, mask_geometry: Geometry, target: Geometry) -> tuple:
+    """((z0, z1), (y0, y1), (x0, x1)): the voxels of ``target`` that can hold any of ``mask`` (its bounding
+    box's corners, half a voxel out, mapped onto ``target`` and grown by one voxel)."""
+    along = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]      # z, y, x
+    lo = np.array([a[0] for a in along], float)[::-1] - 0.5                                     # i, j, k
+    hi = np.array([a[-1] for a in along], float)[::-1] + 0.5
+    corners = np.array(list(itertools.product(*zip(lo, hi))))
+    ijk = target.lps_to_index(mask_geometry.index_to_lps(corners))
+    first = np.clip(np.floor(ijk.min(axis=0)) - 1, 0, None).astype(int)
+    last = np.minimum(np.ceil(ijk.max(axis=0)) + 2, np.asarray(target.size_xyz)).astype(int)
+    return tuple((int(first[a]), int(last[a])) for a in (2, 1, 0))
+
+
 def make_regions(segments: dict, seg_geometry: Geometry, target: Geometry, body_hu=None, sub: int = 3) -> Regions:
     """Regions for the correction from segments (name -> bool mask on ``seg_geometry``).
 
@@ -277,11 +292,16 @@ def make_regions(segments: dict, seg_geometry: Geometry, target: Geometry, body_
         fine, sub = labels, 1
     else:
         fine = resample(labels, seg_geometry, _supersampled(target, sub), mode="nearest")
-    nz, ny, nx = target.shape
     parts = []
-    for code in range(1, len(order) + 1):
-        hit = (fine == code).reshape(nz, sub, ny, sub, nx, sub)      # counted, never a full-size float copy
-        parts.append(hit.sum(axis=(1, 3, 5), dtype=np.uint16).astype(np.float32) / np.float32(sub ** 3))
+    for code, name in enumerate(order, start=1):
+        # counted inside the segment's box on the SPECT grid only, never a full-size float copy
+        box = _target_box(segments[name], seg_geometry, target)
+        (z0, z1), (y0, y1), (x0, x1) = box
+        hit = (fine[z0 * sub:z1 * sub, y0 * sub:y1 * sub, x0 * sub:x1 * sub] == code).reshape(
+            z1 - z0, sub, y1 - y0, sub, x1 - x0, sub)
+        part = np.zeros(target.shape, np.float32)
+        part[z0:z1, y0:y1, x0:x1] = hit.sum(axis=(1, 3, 5), dtype=np.uint16).astype(np.float32) / np.float32(sub ** 3)
+        parts.append(part)
     rest = np.clip(1.0 - np.sum(parts, axis=0), 0.0, 1.0).astype(np.float32)
     region_names = list(order)
     if body_hu is not None:
