@@ -71,7 +71,7 @@ class _Objective:
         f, g = self.function(x)
         f = float(f.detach()) if isinstance(f, torch.Tensor) else float(f)
         # a non-finite value counts as +inf: the line search steps back from it
-        return (f if math.isfinite(f) else math.inf), g.detach().double().cpu().flatten()
+        return (f if math.isfinite(f) else math.inf), g.detach().cpu().double().flatten()
 
 
 def _strong_wolfe(objective, x, f0, g0, direction, t, c1=1e-4, c2=0.9, tolerance=1e-9, max_steps=25) -> tuple:
@@ -131,7 +131,7 @@ def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history
     2006 algorithm 7.4, with the strong-Wolfe line search; the first step is scaled to at most 1 in the
     L1 norm of the gradient). ``max_evaluations``: default 1.25 x ``max_iterations``. Returns (x at the
     minimum found, float64 CPU; the value at ``x0``; the number of evaluations)."""
-    x = x0.detach().double().cpu().flatten().clone()
+    x = x0.detach().cpu().double().flatten().clone()
     objective = _Objective(function, max_evaluations or int(max_iterations * 1.25))
     f, g = objective(x)
     f_start = f
