@@ -47,7 +47,7 @@ class PeakMemory:
 
     def __enter__(self):
         import threading
-        release_free_memory()      # not glibc: the entry level may include freed pages
+        release_free_memory()      # elsewhere than glibc the entry level may include freed pages
         self._base = self._rss_mb()
         self._top = self._base
         self._stop = threading.Event()

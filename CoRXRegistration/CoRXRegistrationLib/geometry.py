@@ -168,6 +168,15 @@ class Geometry:
         return Geometry(tuple(shape_zyx), tuple(spacing), tuple(lps[:3, 3]), tuple(direction.ravel()))
 
 
+def mask_index_bounds(mask: np.ndarray):
+    """(first, last) voxel index (i, j, k) holding any of a (z, y, x) ``mask``, inclusive, as int arrays; None
+    for an empty mask. From the mask's projections on each axis: no index list of the whole mask."""
+    along = [np.flatnonzero(np.asarray(mask).any(axis=other)) for other in ((0, 1), (0, 2), (1, 2))]   # i, j, k
+    if not along[0].size:
+        return None
+    return np.array([a[0] for a in along]), np.array([a[-1] for a in along])
+
+
 def displacement_lps_to_voxels(field_lps_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
     """(Z, Y, X, 3) LPS-mm displacement on ``geometry`` -> (3, Z, Y, X) voxel displacement, channels (z, y, x)."""
     a_inv = np.diag(1.0 / np.asarray(geometry.spacing)) @ geometry.direction_matrix.T

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .geometry import Geometry, GeometryError
+from .geometry import Geometry, GeometryError, mask_index_bounds
 from .resample import resample, resample_field, warp_with_field
 
 SPECT_NORMALISATIONS = ("minmax", "log")
@@ -91,12 +91,9 @@ class SpectCt:
 def network_grid(fixed: SpectCt, cfg: PreprocessConfig) -> Geometry:
     """The network grid for a fixed session: fixed-SPECT directions, centred on the body."""
     body = np.asarray(fixed.ct) > cfg.body_threshold_hu
-    along = [np.flatnonzero(body.any(axis=other)) for other in ((0, 1), (0, 2), (1, 2))]     # i, j, k
-    if along[0].size:
-        lo, hi = np.array([a[0] for a in along]), np.array([a[-1] for a in along])
-        centre = fixed.ct_geometry.index_to_lps((lo + hi) / 2.0)
-    else:
-        centre = fixed.ct_geometry.centre_lps()
+    bounds = mask_index_bounds(body)
+    centre = fixed.ct_geometry.centre_lps() if bounds is None else \
+        fixed.ct_geometry.index_to_lps((bounds[0] + bounds[1]) / 2.0)
     return Geometry.centred(cfg.grid_size, (cfg.spacing_mm,) * 3, centre, fixed.spect_geometry.direction_matrix)
 
 

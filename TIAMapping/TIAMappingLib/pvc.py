@@ -19,7 +19,6 @@ voxel), so a VOI's volume is that of the segmentation, not of a coarse mask. Nee
 from __future__ import annotations
 
 import itertools
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from CoRXRegistrationLib.geometry import Geometry
+from CoRXRegistrationLib.geometry import Geometry, mask_index_bounds
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 METHODS = ("none", "rc", "gtm", "rbv")
@@ -256,9 +255,8 @@ def _supersampled(target: Geometry, sub: int) -> Geometry:
 def _target_box(mask: np.ndarray, mask_geometry: Geometry, target: Geometry) -> tuple:
     """((z0, z1), (y0, y1), (x0, x1)): the voxels of ``target`` that can hold any of ``mask`` (its bounding
     box's corners, half a voxel out, mapped onto ``target`` and grown by one voxel)."""
-    along = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]      # z, y, x
-    lo = np.array([a[0] for a in along], float)[::-1] - 0.5                                     # i, j, k
-    hi = np.array([a[-1] for a in along], float)[::-1] + 0.5
+    first, last = mask_index_bounds(mask)
+    lo, hi = first - 0.5, last + 0.5                                                             # i, j, k
     corners = np.array(list(itertools.product(*zip(lo, hi))))
     ijk = target.lps_to_index(mask_geometry.index_to_lps(corners))
     first = np.clip(np.floor(ijk.min(axis=0)) - 1, 0, None).astype(int)
@@ -295,8 +293,7 @@ def make_regions(segments: dict, seg_geometry: Geometry, target: Geometry, body_
     parts = []
     for code, name in enumerate(order, start=1):
         # counted inside the segment's box on the SPECT grid only, never a full-size float copy
-        box = _target_box(segments[name], seg_geometry, target)
-        (z0, z1), (y0, y1), (x0, x1) = box
+        (z0, z1), (y0, y1), (x0, x1) = _target_box(segments[name], seg_geometry, target)
         hit = (fine[z0 * sub:z1 * sub, y0 * sub:y1 * sub, x0 * sub:x1 * sub] == code).reshape(
             z1 - z0, sub, y1 - y0, sub, x1 - x0, sub)
         part = np.zeros(target.shape, np.float32)

@@ -99,8 +99,9 @@ def mean_local_cc_squared_and_gradient(fixed_statistics: tuple, b: torch.Tensor,
     count = float(cc.numel())
     g_cross = 2.0 * cross / denominator / count                       # d mean / d cross
     g_var = torch.where(var_b > 0, -cc * var_a / denominator / count, torch.zeros_like(cc))   # d mean / d var_b
-    g_mean_ab, g_mean_bb, g_mu_b = g_cross, g_var, -mu_a * g_cross - 2.0 * mu_b * g_var
-    adj_ab, adj_bb, adj_mu = _box_mean(torch.cat([g_mean_ab, g_mean_bb, g_mu_b]), window, adjoint=True).split(1)
+    g_mu_b = -mu_a * g_cross - 2.0 * mu_b * g_var                      # d mean / d mu_b
+    # cross and var_b take box means of a*b and b*b with the weights above, mu_b one of b
+    adj_ab, adj_bb, adj_mu = _box_mean(torch.cat([g_cross, g_var, g_mu_b]), window, adjoint=True).split(1)
     return cc.mean(), a * adj_ab + 2.0 * b * adj_bb + adj_mu
 
 
