@@ -8,7 +8,7 @@ import torch
 from CoRXRegistrationLib.cli import main as corx_main
 from CoRXRegistrationLib.engine import (FIELD_STEP_MM, DeviceError, load_model, quantised, register, select_device,
                                         write_registration)
-from CoRXRegistrationLib.geometry import Geometry, GeometryError
+from CoRXRegistrationLib.geometry import Geometry, GeometryError, displacement_voxels_to_lps
 from CoRXRegistrationLib.imageio import read_displacement_field, read_image
 from CoRXRegistrationLib.network import build_network, named_config
 from CoRXRegistrationLib.network.checkpoint import save_checkpoint
@@ -203,6 +203,31 @@ def test_corx_register_command_and_model_info(small_series_dir, tiny_model, tmp_
     assert corx_main(["model-info"]) == 0
     info = capsys.readouterr().out
     assert "20,800,563" in info and "9,557,138" in info
+
+
+def test_a_network_spect_head_moves_the_spect_and_not_the_ct(small_series, tmp_path):
+    """A model with a SPECT head: its correction (here a constant 0.5 voxel = 3.87 mm along the grid's z, set
+    through the head's bias) is added to the field the SPECT follows, before any post-fit, and the CT keeps the
+    network field."""
+    torch.manual_seed(0)
+    net = build_network(named_config("corx-tiny", spect_correction=True))
+    with torch.no_grad():
+        net.spect_head.bias.copy_(torch.tensor([0.5, 0.0, 0.0]))
+    path = save_checkpoint(tmp_path / "head.pt", net, TINY_PREP.to_dict())
+    fixed, moving = session(small_series, 0), session(small_series, 2)
+    plain = register(fixed, moving, model=path, device="cpu", spect_offset=False, native_outputs=False,
+                     qa_metrics=False)
+    expected = displacement_voxels_to_lps(np.array([0.5, 0.0, 0.0], np.float32).reshape(3, 1, 1, 1), plain.grid)
+    # the correction acts before the rigid pre-alignment's rotation (a few degrees): equal up to that turn
+    deviation = np.linalg.norm(plain.spect_correction_mm - expected.reshape(3), axis=-1)
+    assert float(deviation.max()) < 0.35 and float(deviation.mean()) < 0.1
+    np.testing.assert_allclose(plain.field_network_spect - plain.field_network, plain.spect_correction_mm, atol=1e-4)
+    fitted = register(fixed, moving, model=path, device="cpu", native_outputs=False, qa_metrics=False)
+    np.testing.assert_array_equal(fitted.field_network, plain.field_network)
+    np.testing.assert_allclose(fitted.field_network_spect - fitted.field_network - fitted.spect_offset_mm,
+                               plain.spect_correction_mm + (0 if fitted.spect_organ_weight is None else
+                               np.stack([np.zeros_like(fitted.spect_organ_weight)] * 2 +
+                                        [fitted.spect_organ_shift_mm * fitted.spect_organ_weight], -1)), atol=1e-3)
 
 
 def test_load_model_reports_preprocessing(tiny_model):

@@ -9,6 +9,8 @@ prints, per region (body, organs, tumours, mean error in mm), the mean of each r
 ran, the paired difference B minus A (mean ± standard error), the largest |difference| on one pair and
 how many pairs got better / worse, and the seconds per pair of each run (median). Either side may be
 several runs' pairs.csv joined by commas (e.g. one run per protocol); ``--method`` may name several rows.
+``--before-method M`` takes A's rows of method M instead (e.g. a new model's network-alone row in B against
+the rigid stage or ANTs SyN in A, on the same pairs).
 """
 import argparse
 import csv
@@ -43,17 +45,19 @@ def main() -> int:
     ap.add_argument("before", help="pairs.csv of the first run (A)")
     ap.add_argument("after", help="pairs.csv of the second run (B)")
     ap.add_argument("--method", nargs="+", default=["corx"], help="the rows to compare (default corx)")
+    ap.add_argument("--before-method", help="A's rows of this method instead of --method's")
     args = ap.parse_args()
     for method in args.method:
-        compare(args.before, args.after, method)
+        compare(args.before, args.after, method, args.before_method or method)
 
 
-def compare(before, after, method: str) -> None:
-    rows = read_rows(before, method, "A") + read_rows(after, method, "B")
+def compare(before, after, method: str, before_method: str) -> None:
+    rows = read_rows(before, before_method, "A") + read_rows(after, method, "B")
     both = {(r["dataset"], r["patient"], r["moving_h"]) for r in rows if r["method"] == "A"} & \
         {(r["dataset"], r["patient"], r["moving_h"]) for r in rows if r["method"] == "B"}
     rows = [r for r in rows if (r["dataset"], r["patient"], r["moving_h"]) in both]
-    print(f"{method}: B = {after} minus A = {before}, paired over the {len(both)} pairs both ran\n")
+    print(f"{method}: B = {after} minus A = {before}" + (f" ({before_method})" if before_method != method else "")
+          + f", paired over the {len(both)} pairs both ran\n")
     print("| region | A mean (mm) | B mean (mm) | B - A (mean ± SE) | largest abs(B - A) | better / worse in B | pairs |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for key, name in PAIRED_ERRORS:

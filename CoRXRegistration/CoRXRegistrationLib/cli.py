@@ -351,7 +351,8 @@ def _cmd_train(args) -> int:
                       augment=not args.no_augment, checkpoint_every=args.checkpoint_every,
                       max_minutes=args.max_minutes, max_steps=args.max_steps, epoch_steps=args.epoch_steps,
                       lambda_spect=args.lambda_spect, lambda_reg=args.lambda_reg, prealign=args.prealign,
-                      init=args.init, loss_mask=args.loss_mask)
+                      init=args.init, loss_mask=args.loss_mask, loss=args.loss, organ_weight=args.organ_weight,
+                      lambda_spect_field=args.lambda_spect_field, randomise_intensity=args.randomise_intensity)
     result = train(cfg, resume=not args.restart, progress=TerminalProgress("train"))
     print(f"stopped: {result['stopped']} at step {result['step']}; checkpoint {result['checkpoint']}")
     return 0
@@ -727,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--simulate", type=int, help="number of simulated procedural patients")
     src.add_argument("--series", help="a series.json, or a folder of series folders (your own data)")
     pd.add_argument("--first-seed", type=int, default=100, help="seed of the first simulated patient (default 100)")
-    pd.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes (see simulate)")
+    pd.add_argument("--preset", choices=["clinical", "small", "randomised"], default="clinical",
+                    help="grid sizes (see simulate); randomised: clinical grids with each patient's protocol, "
+                         "resolution, counts, noise, motion and field of view drawn at random (supervised training)")
     pd.add_argument("--spect-normalisation", choices=["log", "minmax"], default="log",
                     help="SPECT intensity normalisation: min-max then log (the paper's, default) or min-max")
     pd.add_argument("--overwrite", action="store_true",
@@ -735,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "in --out are kept, so an interrupted preparation continues)")
     pd.set_defaults(func=_cmd_prepare_data)
 
-    tr = sub.add_parser("train", help="unsupervised training (resumes from OUT/last.pt); works under torchrun")
+    tr = sub.add_parser("train", help="unsupervised or supervised training (resumes from OUT/last.pt); works under torchrun")
     tr.add_argument("--data", required=True, help="folder of patient files from prepare-data")
     tr.add_argument("--out", required=True, help="run folder: last.pt (resume), best.pt, history")
     tr.add_argument("--network", default="corx-cpu", help="a named configuration (corx model-info lists them)")
@@ -758,6 +761,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--loss-mask", choices=["fov", "none"], default="fov",
                     help="fov: the image terms count only where both scans hold data (not their cut faces); "
                          "none: everywhere, as the bundled v1 was trained")
+    tr.add_argument("--loss", choices=["unsupervised", "supervised", "both"], default="unsupervised",
+                    help="unsupervised: the paper's image loss (default; your own data); supervised: endpoint error "
+                         "against the true CT and SPECT fields of simulated patients; both: their sum")
+    tr.add_argument("--organ-weight", type=float, default=3.0,
+                    help="supervised: extra weight of the uptake organs and tumours in the endpoint error (default 3)")
+    tr.add_argument("--lambda-spect-field", type=float, default=1.0,
+                    help="supervised: weight of the SPECT field's endpoint error (default 1)")
+    tr.add_argument("--randomise-intensity", action="store_true",
+                    help="draw each image's contrast, brightness and noise at random per step")
     tr.add_argument("--restart", action="store_true", help="ignore OUT/last.pt")
     tr.set_defaults(func=_cmd_train)
 

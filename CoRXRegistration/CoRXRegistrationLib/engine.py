@@ -142,13 +142,15 @@ def select_device(requested: str = "auto") -> tuple:
 @dataclass
 class RegistrationResult:
     """All outputs of one pair. Fields are (Z, Y, X, 3) LPS mm, resampling convention.
-    ``field_network`` is CT-driven (rigid + network + refinement); the SPECT follows it plus
-    ``spect_offset_mm`` plus the organ shift ``spect_organ_weight * spect_organ_shift_mm`` along LPS +z
+    ``field_network`` is CT-driven (rigid + network + refinement); the SPECT follows it plus the network's
+    own SPECT correction (``spect_correction_mm``, models with a SPECT head) plus ``spect_offset_mm`` plus
+    the organ shift ``spect_organ_weight * spect_organ_shift_mm`` along LPS +z
     (``field_network_spect``; :mod:`network.spect_offset`)."""
     grid: Geometry                        # network grid
     field_network: np.ndarray             # on ``grid``, what the CT follows
     fixed_spect_geometry: Geometry
     fixed_ct_geometry: Geometry
+    spect_correction_mm: np.ndarray | None = None   # (Z, Y, X, 3) LPS mm on ``grid``: the network's SPECT head
     spect_offset_mm: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float32))   # LPS (x, y, z)
     spect_organ_shift_mm: float = 0.0      # cranio-caudal, + = superior (LPS +z), where the weight is 1
     spect_organ_weight: np.ndarray | None = None   # (Z, Y, X) in [0, 1] on ``grid``
@@ -164,16 +166,20 @@ class RegistrationResult:
 
     @property
     def field_network_spect(self) -> np.ndarray:
-        """What the SPECT follows on the network grid: the CT-driven field plus the SPECT/CT offset
-        plus the organ shift."""
-        return spect_field(self.field_network, self.spect_offset_mm, self.spect_organ_shift_mm, self.spect_organ_weight)
+        """What the SPECT follows on the network grid: the CT-driven field plus the network's SPECT
+        correction plus the SPECT/CT offset plus the organ shift."""
+        return spect_field(self.field_network, self.spect_offset_mm, self.spect_organ_shift_mm, self.spect_organ_weight,
+                           self.spect_correction_mm)
 
 
 def spect_field(field_network: np.ndarray, offset_mm, organ_shift_mm: float = 0.0,
-                organ_weight: np.ndarray | None = None) -> np.ndarray:
-    """The field the SPECT follows (LPS mm): the CT-driven ``field_network`` plus the SPECT/CT offset
-    ``offset_mm`` (LPS x, y, z) plus ``organ_weight * organ_shift_mm`` along LPS +z; a new array."""
+                organ_weight: np.ndarray | None = None, correction_mm: np.ndarray | None = None) -> np.ndarray:
+    """The field the SPECT follows (LPS mm): the CT-driven ``field_network`` plus the network's SPECT
+    correction ``correction_mm`` (same grid) plus the SPECT/CT offset ``offset_mm`` (LPS x, y, z) plus
+    ``organ_weight * organ_shift_mm`` along LPS +z; a new array."""
     out = np.asarray(field_network, np.float32) + np.asarray(offset_mm, np.float32)
+    if correction_mm is not None:
+        out += np.asarray(correction_mm, np.float32)
     if organ_weight is not None and organ_shift_mm != 0.0:
         out[..., 2] += np.float32(organ_shift_mm) * organ_weight
     return out
@@ -210,11 +216,13 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(device)
 
 
-def predict_displacement(network: RegistrationNetwork, fixed_ct, moving_ct, fixed_spect, moving_spect):
-    """Network forward without gradients; returns (B, 3, Z, Y, X) voxels."""
+def predict_displacement(network: RegistrationNetwork, fixed_ct, moving_ct, fixed_spect, moving_spect,
+                         with_spect: bool = False):
+    """Network forward without gradients; returns (B, 3, Z, Y, X) voxels (with ``with_spect``: the CT and
+    the SPECT field, :meth:`RegistrationNetwork.forward`)."""
     network.eval()
     with torch.no_grad():
-        return network(fixed_ct, moving_ct, fixed_spect, moving_spect)
+        return network(fixed_ct, moving_ct, fixed_spect, moving_spect, with_spect=with_spect)
 
 
 def refine_displacement(displacement, fixed_ct, moving_ct, fixed_spect, moving_spect, iterations: int,
@@ -311,7 +319,11 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         check_cancel(cancel, "after pre-alignment")
         t = time.perf_counter()
         report(0.3, f"network on {dev.type}")
-        disp = compose(predict_displacement(net, fct, mct_pre, fsp, msp_pre), initial)
+        own, own_spect = predict_displacement(net, fct, mct_pre, fsp, msp_pre, with_spect=True)
+        disp = compose(own, initial)
+        # the network's SPECT correction where it has a SPECT head, as the difference of the composed fields
+        correction = None if own_spect is own else compose(own_spect, initial) - disp
+        del own, own_spect
         timings["network"] = time.perf_counter() - t
         check_cancel(cancel, "after the network")
         if refine_iterations > 0:
@@ -321,17 +333,17 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
                                        diffeomorphic=model.network.config.diffeomorphic, progress=sub, cancel=cancel)
             timings["refine"] = time.perf_counter() - t
         if not spect_offset:
-            return disp, None
+            return disp, correction, None
         check_cancel(cancel, "before the SPECT/CT offset")
         t = time.perf_counter()
         report(0.8, "SPECT/CT offset")
-        fit = fit_spect_offset(fsp, msp, disp, float(grid.spacing[0]), spect_offset_config, cranio_caudal,
-                               cancel=cancel)
+        fit = fit_spect_offset(fsp, msp, disp if correction is None else disp + correction, float(grid.spacing[0]),
+                               spect_offset_config, cranio_caudal, cancel=cancel)
         timings["spect_offset"] = time.perf_counter() - t
-        return disp, fit
+        return disp, correction, fit
 
     try:
-        displacement, offset_fit = run_on(torch_device)
+        displacement, correction, offset_fit = run_on(torch_device)
     except RuntimeError as exc:
         if torch_device.type == "cpu" or not is_out_of_memory(exc):
             raise
@@ -339,7 +351,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
         torch_device = torch.device("cpu")
-        displacement, offset_fit = run_on(torch_device)
+        displacement, correction, offset_fit = run_on(torch_device)
     model.network.to("cpu")
     inputs.clear()                               # the normalised network inputs: not needed any more
 
@@ -354,7 +366,9 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         mean_mm = float(np.linalg.norm(field_network, axis=-1).mean())
         notes.append(f"warning: the fixed and moving scans are identical; the mean displacement {mean_mm:.2f} mm "
                      "is the method's noise floor, not motion")
-    result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry,
+    if correction is not None:
+        correction = displacement_voxels_to_lps(correction.detach().float().cpu()[0].numpy(), grid)
+    result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry, correction,
                                 spect_offset_mm=offset_mm, spect_organ_shift_mm=organ_mm,
                                 spect_organ_weight=organ_weight, timings_s=timings,
                                 device=str(torch_device), notes=notes)

@@ -187,7 +187,7 @@ class MethodRunner:
         if not result.grid.same_grid(grid):
             raise ValueError(f"model '{key}' uses another network grid ({result.grid.describe()}) than the "
                              f"evaluation ({grid.describe()}); evaluate models with one preprocessing together")
-        if not self.spect_offset(method):
+        if not self.spect_offset(method) and result.spect_correction_mm is None:
             return result.field_network, result.field_network
         return result.field_network, result.field_network_spect
 

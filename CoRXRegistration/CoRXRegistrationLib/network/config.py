@@ -27,6 +27,10 @@ class NetworkConfig:
         (drops the most expensive decoder block; for CPU-sized models).
     diffeomorphic: the head predicts a stationary velocity field integrated by scaling and
         squaring (``integration_steps``), giving a diffeomorphism.
+    spect_correction: a second head predicts a smooth correction the SPECT field adds to the CT
+        field (within a session SPECT and CT are not exactly registered, and breathing moves the
+        uptake organs under a CT that barely shows them); smooth because it is averaged over cells of
+        ``spect_correction_cell`` field voxels and interpolated back (corx only).
     """
 
     name: str = "custom"
@@ -45,6 +49,8 @@ class NetworkConfig:
     flow_level: int = 0
     diffeomorphic: bool = False
     integration_steps: int = 7
+    spect_correction: bool = False
+    spect_correction_cell: int = 8
 
     def __post_init__(self):
         for name in ("image_size", "depths", "num_heads", "window_size", "skip_channels"):
@@ -69,13 +75,24 @@ class NetworkConfig:
             raise ValueError("flow_level must be 0 (full resolution) or 1 (half resolution)")
         if self.architecture == "transmorph" and self.cross_stitch:
             raise ValueError("TransMorph has a single stream: cross_stitch must be False")
+        if self.architecture == "transmorph" and self.spect_correction:
+            raise ValueError("TransMorph does not read the SPECT: spect_correction must be False")
+        field_size = [s // 2 ** self.flow_level for s in self.image_size]
+        if self.spect_correction and (self.spect_correction_cell < 1
+                                      or any(s % self.spect_correction_cell for s in field_size)):
+            raise ValueError(f"spect_correction_cell {self.spect_correction_cell} must divide the field grid "
+                             f"{tuple(field_size)}")
 
     @property
     def stage_dims(self) -> tuple:
         return tuple(self.embed_dim * 2 ** i for i in range(len(self.depths)))
 
     def to_dict(self) -> dict:
+        """The fields as JSON-ready values; without the SPECT-head fields when there is none, so configurations
+        stored before the head existed compare equal to themselves read back."""
         d = asdict(self)
+        if not self.spect_correction:
+            del d["spect_correction"], d["spect_correction_cell"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @staticmethod

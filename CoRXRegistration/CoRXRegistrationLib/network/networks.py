@@ -3,7 +3,8 @@
 Every network maps (fixed CT, moving CT, fixed SPECT, moving SPECT), each (B, 1, Z, Y, X) on the
 network grid and normalised to about [0, 1], to a displacement field (B, 3, Z, Y, X) in voxels of
 that grid, channels (z, y, x), resampling convention: the warped moving image at voxel p is the
-moving image sampled at p + u(p). TransMorph uses only the CT pair.
+moving image sampled at p + u(p). TransMorph uses only the CT pair. A CoRX network built with
+``spect_correction`` also gives the field the SPECT follows (``forward(..., with_spect=True)``).
 """
 from __future__ import annotations
 
@@ -92,9 +93,23 @@ class RegistrationNetwork(nn.Module):
         else:
             self.encoder_stitch = self.decoder_stitch = None
         self.head = RegistrationHead(self.streams[0].out_channels)
+        self.spect_head = None
+        if cfg.spect_correction:                      # starts at zero: a fine-tuned CT network is unchanged
+            self.spect_head = nn.Conv3d(self.streams[0].out_channels, 3, 3, padding=1)
+            nn.init.zeros_(self.spect_head.weight)
+            nn.init.zeros_(self.spect_head.bias)
 
-    def forward(self, fixed_ct, moving_ct, fixed_spect=None, moving_spect=None) -> torch.Tensor:
-        """Displacement (B, 3, Z, Y, X) in network voxels, channels (z, y, x)."""
+    def spect_correction(self, features: torch.Tensor) -> torch.Tensor:
+        """The smooth SPECT correction (B, 3, Z, Y, X) network voxels: the head's output averaged over cells
+        of ``spect_correction_cell`` voxels and interpolated trilinearly onto the network grid."""
+        cell = self.config.spect_correction_cell
+        coarse = F.avg_pool3d(self.spect_head(features), cell, stride=cell)
+        return F.interpolate(coarse, size=tuple(self.config.image_size), mode="trilinear", align_corners=False)
+
+    def forward(self, fixed_ct, moving_ct, fixed_spect=None, moving_spect=None, with_spect: bool = False):
+        """Displacement (B, 3, Z, Y, X) in network voxels, channels (z, y, x), which the CT follows; with
+        ``with_spect`` (CT field, SPECT field): the SPECT field is the CT field plus the SPECT correction
+        where the network has one, else the CT field itself."""
         expected = tuple(self.config.image_size)
         needs_spect = self.config.architecture == "corx"
         for name, t, needed in (("fixed CT", fixed_ct, True), ("moving CT", moving_ct, True),
@@ -109,13 +124,15 @@ class RegistrationNetwork(nn.Module):
         inputs = [torch.cat([moving_ct, fixed_ct], dim=1)]
         if len(self.streams) == 2:
             inputs.append(torch.cat([moving_spect, fixed_spect], dim=1))
-        features = run_streams(list(self.streams), inputs, self.encoder_stitch, self.decoder_stitch)
-        field = self.head(sum(features))
+        features = sum(run_streams(list(self.streams), inputs, self.encoder_stitch, self.decoder_stitch))
+        field = self.head(features)
         if self.config.diffeomorphic:
             field = integrate_velocity(field, self.config.integration_steps)
         if self.config.flow_level == 1:
             field = upsample_displacement(field, expected)
-        return field
+        if not with_spect:
+            return field
+        return field, (field if self.spect_head is None else field + self.spect_correction(features))
 
 
 def build_network(cfg: NetworkConfig) -> RegistrationNetwork:

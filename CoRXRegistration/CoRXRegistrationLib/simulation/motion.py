@@ -56,14 +56,16 @@ class SessionMotion:
                 "spect_breathing_blur_mm": round(float(self.spect_breathing_blur_mm), 3)}
 
 
-def sample_spect_mismatch(rng) -> dict:
-    shift = np.clip(rng.normal(0.0, [1.0, 1.0, 2.0]), -4.0, 4.0)
+def sample_spect_mismatch(rng, scale: float = 1.0) -> dict:
+    """A session's SPECT/CT mismatch: a shift (LPS mm, SD 1, 1, 2 mm times ``scale``, at most 4 mm times
+    ``scale`` per axis) and the breathing blur of the SPECT (mm)."""
+    shift = np.clip(rng.normal(0.0, [scale, scale, 2.0 * scale]), -4.0 * scale, 4.0 * scale)
     return {"spect_shift_mm": tuple(float(s) for s in shift),
             "spect_breathing_blur_mm": float(rng.uniform(2.0, 4.0))}
 
 
 def sample_session_motion(rng, landmarks: "Landmarks", max_shift_mm=15.0, max_rotation_deg=5.0,
-                          max_breathing_mm=15.0) -> SessionMotion:
+                          max_breathing_mm=15.0, spect_mismatch_scale=1.0) -> SessionMotion:
     t = rng.uniform(-10.0, 10.0, 3)
     t *= min(1.0, max_shift_mm / max(np.linalg.norm(t), 1e-6))
     rot = (rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5), rng.uniform(-max_rotation_deg, max_rotation_deg))
@@ -78,7 +80,7 @@ def sample_session_motion(rng, landmarks: "Landmarks", max_shift_mm=15.0, max_ro
     return SessionMotion(rotation_deg=tuple(float(r) for r in rot), translation_mm=tuple(float(v) for v in t),
                          breathing_mm=float(rng.uniform(-max_breathing_mm, max_breathing_mm)),
                          bladder_volume_ratio=float(rng.uniform(0.6, 1.5)) if landmarks.bladder else 1.0,
-                         bowel_bumps=bumps, **sample_spect_mismatch(rng))
+                         bowel_bumps=bumps, **sample_spect_mismatch(rng, spect_mismatch_scale))
 
 
 @dataclass

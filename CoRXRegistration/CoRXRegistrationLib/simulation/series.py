@@ -53,6 +53,7 @@ class SimulationConfig:
     max_shift_mm: float = 15.0
     max_rotation_deg: float = 5.0
     max_breathing_mm: float = 15.0
+    spect_mismatch_scale: float = 1.0       # SPECT/CT shift within a session: SD (1, 1, 2) mm times this
     n_tumours: int | None = None            # None: 1-6 at random
     patient15_zip: str | None = None
     imaging: str = "gaussian"               # "gaussian" (image-space blur + Poisson) or "scanner" (projection + OSEM)
@@ -195,12 +196,13 @@ def simulate_series(cfg: SimulationConfig, progress=None, scanner_cache=None) ->
     motions, fields = [], []
     for i in range(n):
         if i == ref:
-            m = SessionMotion(**sample_spect_mismatch(rng))
+            m = SessionMotion(**sample_spect_mismatch(rng, cfg.spect_mismatch_scale))
             f = session_field(m, landmarks)
         else:
             m, f = sample_invertible_session(rng, landmarks, max_shift_mm=cfg.max_shift_mm,
                                              max_rotation_deg=cfg.max_rotation_deg,
-                                             max_breathing_mm=cfg.max_breathing_mm)
+                                             max_breathing_mm=cfg.max_breathing_mm,
+                                             spect_mismatch_scale=cfg.spect_mismatch_scale)
         motions.append(m)
         fields.append(f)
     grids = [_scanner_grids(cfg, rng, landmarks.body_centre) for _ in range(n)]

@@ -4,8 +4,9 @@ weights-only ``.pt`` file, so training never touches native volumes again.
 A patient file holds (float16 unless noted): ``ct`` (T, Z, Y, X) normalised CT; ``spect_unit``
 (T, Z, Y, X) SPECT divided by its maximum (float16 cannot hold Bq/mL); ``spect_max_bq_ml`` (T,);
 ``field_of_view`` (uint8 (T, Z, Y, X), 1 inside both scans; files packed before it lack it); ``hours``; ``grid`` (geometry dict); ``preprocess`` (dict); for simulated series also
-``truth_displacement`` (T, 3, Z, Y, X) network voxels from the reference to each time point and
-``labels`` (uint8, tissue labels on the network grid).
+``truth_displacement`` (T, 3, Z, Y, X) network voxels from the reference to each time point, the
+field the SPECT follows (it includes the SPECT/CT mismatch), ``truth_displacement_ct`` the same for
+the CT (files packed before it lack it), and ``labels`` (uint8, tissue labels on the network grid).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ FORMAT = "corx-training-patient/1"
 
 def pack_patient(patient_id: str, sessions: list, hours: list, reference_index: int, cfg: PreprocessConfig,
                  truth_fields: dict | None = None, truth_geometry: Geometry | None = None,
-                 labels: np.ndarray | None = None) -> dict:
+                 labels: np.ndarray | None = None, truth_fields_ct: dict | None = None) -> dict:
     """Resample a series onto the reference session's network grid and pack it (see module doc).
-    truth_fields: time index -> (Z, Y, X, 3) LPS-mm field on ``truth_geometry`` (reference -> index)."""
+    truth_fields (SPECT), truth_fields_ct: time index -> (Z, Y, X, 3) LPS-mm field on ``truth_geometry``
+    (reference -> index)."""
     grid = network_grid(sessions[reference_index], cfg)
     cts, spects, maxima, fovs = [], [], [], []
     for s in sessions:
@@ -40,12 +42,14 @@ def pack_patient(patient_id: str, sessions: list, hours: list, reference_index: 
               "reference_index": int(reference_index), "grid": grid.to_dict(), "preprocess": cfg.to_dict(),
               "ct": torch.stack(cts), "spect_unit": torch.stack(spects),
               "spect_max_bq_ml": torch.tensor(maxima, dtype=torch.float64), "field_of_view": torch.stack(fovs)}
-    if truth_fields is not None:
+    for key, fields_ in (("truth_displacement", truth_fields), ("truth_displacement_ct", truth_fields_ct)):
+        if fields_ is None:
+            continue
         disp = torch.zeros((len(sessions), 3) + grid.shape, dtype=torch.float16)
-        for i, f in truth_fields.items():
+        for i, f in fields_.items():
             on_grid = resample_field(f, truth_geometry, grid)
             disp[i] = torch.from_numpy(displacement_lps_to_voxels(on_grid, grid)).half()
-        packed["truth_displacement"] = disp
+        packed[key] = disp
     if labels is not None:
         packed["labels"] = torch.from_numpy(resample(labels, truth_geometry, grid, mode="nearest").astype(np.uint8))
     return packed
@@ -55,7 +59,8 @@ def pack_simulated(series, cfg: PreprocessConfig) -> dict:
     """Pack a SimulatedSeries with its ground truth (fields and tissue labels)."""
     sim = series.config
     return pack_patient(f"sim-{sim.anatomy}-{sim.seed:04d}", series.sessions(), list(sim.times_h), sim.reference_index, cfg,
-                        series.truth_field_spect, series.reference_spect_geometry, series.labels_spect)
+                        series.truth_field_spect, series.reference_spect_geometry, series.labels_spect,
+                        series.truth_field_ct)
 
 
 def save_patient(packed: dict, path) -> Path:

@@ -15,20 +15,31 @@ from ..network.checkpoint import file_sha256, load_checkpoint, read_checkpoint, 
 from ..network.networks import count_parameters
 
 RECIPE = "NETWORK={network} LOSS_MASK={loss_mask} CT_STEPS={ct_steps} scripts/train_model.sh"  # bundled: train_bundled_model.sh
+SUPERVISED_RECIPE = "scripts/train_supervised_model.sh"
+UNSUPERVISED_DATA = ("simulated procedural patients (corx simulate, clinical preset), seeds 100-127; "
+                     "the 2 highest seeds are the validation split; never patient15, never seeds >= 5000")
 CT_ONLY_LIMIT = ("The last training stage drops the paper's SPECT LNCC term (CT term only): on simulated series that "
                  "term paid for turning activity change between time points (bladder emptying, washout around "
                  "tumours) into motion. The network still takes both SPECT and CT as input.")
 LIMITS = [
-    "Trained on simulated procedural anatomies only (177Lu-DOTATATE kinetics, 4-120 h); real patient "
+    "Trained on simulated procedural anatomies only (177Lu-DOTATATE kinetics); real patient "
     "data may differ (scatter, attenuation artefacts, metal, truncated fields of view).",
     "CPU-sized configuration (see 'config'); the paper's 9.56 M-parameter CoRX-NET is available as "
     "'corx-paper' for users with a GPU and their own training data.",
     "The field is predicted at half resolution (7.74 mm) and upsampled; structures smaller than about "
     "two SPECT voxels are aligned only as well as their surroundings.",
+]
+UNSUPERVISED_STANDING = [
     "Not better than the best classical registration wherever that works: on the 24 pairs of `corx evaluate` "
     "(2026-12-01, docs/evaluation.md) ANTs SyN (CT-driven) followed by the same SPECT/CT fit was lower than "
     "CoRX in tumour error on 18 pairs and in organ error on 13 (CoRX is lower on average because ANTs failed "
     "on 6 pairs); with the same fit, the network lowers the organ error of its own rigid stage by about 1 mm.",
+]
+SUPERVISED_LIMITS = [
+    "Learned from the simulator's motion model (couch repositioning, breathing with sliding organs, bowel "
+    "displacement, bladder filling, SPECT/CT shifts within a session); motion outside it is not learned. Its "
+    "standing against classical registration on held-out series is in docs/training.md. On your own unlabeled "
+    "series, fine-tune with the unsupervised loss (`corx train --loss unsupervised --init <this model>`).",
 ]
 
 
@@ -64,11 +75,16 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True, overwrite: bo
     init = meta.get("train_config", {}).get("init")
     meta["train_config"] = portable_config(meta.get("train_config", {}))
     history, elapsed, step = [], None, meta.get("step")
+    data = UNSUPERVISED_DATA
     if run_dir and (Path(run_dir) / "last.pt").is_file():
-        tr = read_checkpoint(Path(run_dir) / "last.pt").get("training", {})
+        last = read_checkpoint(Path(run_dir) / "last.pt")
+        tr = last.get("training", {})
         history, elapsed, step_total = tr.get("history", []), tr.get("elapsed_s"), tr.get("step")
+        data = data_description(last.get("meta", {}), meta.get("train_config", {})) or data
     else:
         step_total = step
+    if not meta.get("validation") and history and history[-1].get("step") == step:    # the run's end, validated
+        meta["validation"] = {k[len("val_"):]: v for k, v in history[-1].items() if k.startswith("val_")}
     initialised_from = None
     if init and Path(init).is_file():             # a fine-tuned model: say what it started from
         start = read_checkpoint(init).get("meta", {})
@@ -94,8 +110,7 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True, overwrite: bo
             "wall_time_h": None if elapsed is None else round(elapsed / 3600.0, 2),
             "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                         f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU",
-            "data": "simulated procedural patients (corx simulate, clinical preset), seeds 100-127; "
-                    "the 2 highest seeds are the validation split; never patient15, never seeds >= 5000",
+            "data": data,
             "loss": loss_description(meta.get("train_config", {}))
             + (f"; initialised from a model trained with {loss_description(initialised_from['train_config'])}"
                if initialised_from else ""),
@@ -104,7 +119,8 @@ def export_model(checkpoint, out, run_dir=None, half: bool = True, overwrite: bo
         },
         "validation": meta.get("validation", {}),
         "known_limits": _status_lines(meta.get("validation", {}), step)
-        + ([CT_ONLY_LIMIT] if _ct_only(meta.get("train_config", {})) else []) + LIMITS,
+        + ([CT_ONLY_LIMIT] if _ct_only(meta.get("train_config", {})) else []) + LIMITS
+        + (SUPERVISED_LIMITS if _supervised(meta.get("train_config", {})) else UNSUPERVISED_STANDING),
     }
     write_text(plan.path(out.stem + ".json"), json.dumps(card, indent=2))
     write_text(plan.path(out.stem + ".md"), model_card_markdown(card))
@@ -115,8 +131,26 @@ def _ct_only(train_config: dict) -> bool:
     return train_config.get("lambda_spect", 0.1) == 0
 
 
+def _supervised(train_config: dict) -> bool:
+    return train_config.get("loss", "unsupervised") != "unsupervised"
+
+
+def data_description(run_meta: dict, train_config: dict) -> str | None:
+    """The training and validation patients a supervised run's last.pt names; None for the unsupervised
+    recipe (its data are described by :data:`UNSUPERVISED_DATA`) or a run that names none."""
+    train, val = run_meta.get("train_patients"), run_meta.get("val_patients")
+    if not _supervised(train_config) or not train or not val:
+        return None
+    return (f"{len(train)} domain-randomised simulated procedural patients (`corx prepare-data --preset randomised`: "
+            f"protocol, resolution, counts, noise, motion, SPECT/CT mismatch and field of view drawn per patient), "
+            f"{train[0]} to {train[-1]}; validation {', '.join(val)}; never patient15, never seeds >= 5000")
+
+
 def recipe_line(network: str, train_config: dict) -> str:
-    """The scripts/train_model.sh call that makes this run: a CT-only short-epoch run is its stage 3."""
+    """The recipe that makes this run: the supervised script, or the scripts/train_model.sh call (a CT-only
+    short-epoch run is its stage 3)."""
+    if _supervised(train_config):
+        return SUPERVISED_RECIPE
     ct_steps = train_config.get("epoch_steps") if _ct_only(train_config) else 0
     return RECIPE.format(network=network, loss_mask=train_config.get("loss_mask", "none"), ct_steps=ct_steps or 0)
 
@@ -124,6 +158,16 @@ def recipe_line(network: str, train_config: dict) -> str:
 def loss_description(train_config: dict) -> str:
     """The loss a run used, from its stored training configuration (older runs: no mask)."""
     tc = {"lambda_spect": 0.1, "lambda_reg": 8e-4, "loss_mask": "none", **train_config}
+    if _supervised(tc):
+        truth = (f"endpoint error (mm) of the CT field + {tc.get('lambda_spect_field', 1.0):g} x that of the SPECT "
+                 f"field against the simulator's true fields, weight 1 in the body and "
+                 f"{1 + tc.get('organ_weight', 3.0):g} in the uptake organs and tumours, + {tc['lambda_reg']:g} "
+                 f"diffusion (supervised; not the paper's loss)"
+                 + ("; intensities randomised per step" if tc.get("randomise_intensity") else ""))
+        if tc["loss"] == "supervised":
+            return truth
+        tc = {**tc, "loss": "unsupervised"}
+        return f"{truth} + {loss_description(tc)}"
     where = " over the voxels inside both scans' fields of view" if tc["loss_mask"] == "fov" else ""
     if _ct_only(tc):
         return (f"MSE(CT){where} + {tc['lambda_reg']:g} diffusion (the paper's Eq. 2-5 without its SPECT LNCC "
@@ -134,6 +178,15 @@ def loss_description(train_config: dict) -> str:
 
 def _status_lines(val: dict, step) -> list:
     """The model's measured standing, stated plainly first among the limits."""
+    if "epe_ct_uptake_mm" in val and "epe_rigid_ct_uptake_mm" in val:
+        return [f"Measured on the validation patients after {step} steps: endpoint error of the CT field in the "
+                f"uptake organs and tumours {val['epe_ct_uptake_mm']:.2f} mm vs {val['epe_rigid_ct_uptake_mm']:.2f} mm "
+                f"for its rigid stage, of the SPECT field {val['epe_spect_uptake_mm']:.2f} vs "
+                f"{val['epe_rigid_spect_uptake_mm']:.2f} mm (body: CT {val['epe_ct_body_mm']:.2f} vs "
+                f"{val['epe_rigid_ct_body_mm']:.2f}, SPECT {val['epe_spect_body_mm']:.2f} vs "
+                f"{val['epe_rigid_spect_body_mm']:.2f} mm); {val.get('jacobian_nonpositive_percent', float('nan')):.2f} % "
+                "of voxels with Jacobian <= 0. Check the Jacobian and the overlays before using its fields for "
+                "dosimetry."]
     if "displacement_error_body_mm" not in val or "identity_error_body_mm" not in val:
         return []
     err, ident = val["displacement_error_body_mm"], val["identity_error_body_mm"]
@@ -154,6 +207,9 @@ def model_card_markdown(card: dict) -> str:
              f"- Pre-alignment: {card['preprocess'].get('prealign', 'none')} (CT-CT, fitted per pair before the network; "
              "the network corrects what is left)" if card['preprocess'].get('prealign', 'none') != 'none' else
              "- Pre-alignment: none",
+             *([f"- SPECT head: the network also predicts a smooth correction of the field the SPECT follows (cells "
+                f"of {cfg.get('spect_correction_cell')} field voxels, interpolated), learned from the true SPECT fields"]
+               if cfg.get("spect_correction") else []),
              *(["- SPECT/CT offset (at registration, after the network; fitted, not learned): one translation of the "
                 "moving SPECT against the field its CT gives plus one cranio-caudal shift of the uptake organs "
                 "(breathing the CT-driven field missed), maximising SPECT LNCC over the uptake "
@@ -177,6 +233,10 @@ def model_card_markdown(card: dict) -> str:
     if tr["history"]:
         keys = ["epoch", "step", "train_loss", "val_loss", "val_spect_lncc", "val_displacement_error_body_mm",
                 "val_identity_error_body_mm", "val_jacobian_nonpositive_percent"]
+        if "val_truth_loss" in tr["history"][0]:
+            keys = ["epoch", "step", "train_loss", "val_truth_loss", "val_epe_ct_uptake_mm",
+                    "val_epe_rigid_ct_uptake_mm", "val_epe_spect_uptake_mm", "val_epe_rigid_spect_uptake_mm",
+                    "val_epe_ct_body_mm", "val_jacobian_nonpositive_percent"]
         lines += ["", "### Per epoch", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for h in tr["history"]:
             lines.append("| " + " | ".join(f"{h.get(k, float('nan')):.4g}" if isinstance(h.get(k), float)

@@ -1,4 +1,5 @@
-"""The resumable, deterministic unsupervised training loop (single process or torch DDP).
+"""The resumable, deterministic training loop (single process or torch DDP): unsupervised (the paper's
+loss), supervised from the simulator's truth fields (:mod:`training.supervision`), or both.
 
 Data: every ordered (fixed, moving) pair of time points within each training patient; the
 validation patients are held out whole. Randomness (pair order, augmentation) is drawn from
@@ -29,8 +30,12 @@ from ..network.networks import build_network, count_parameters
 from ..network.rigid import prealign_moving
 from ..network.transform import compose, warp
 from ..preprocess import METRIC_NORMALISATION, PreprocessConfig, normalise_spect
-from .augment import apply_augmentation, sample_augmentation
+from .augment import apply_augmentation, augment_displacement, sample_augmentation
 from .data import load_patient, ordered_pairs, session_field_of_view, session_tensors
+from .supervision import endpoint_error_mm, error_weights, has_truth, pair_truth, randomise_intensity, uptake_tissue
+
+#: What the loss learns from: the paper's image loss, the truth fields of simulated patients, or both.
+LOSSES = ("unsupervised", "supervised", "both")
 
 
 @dataclass
@@ -38,7 +43,11 @@ class TrainConfig:
     """A training run. ``network`` names a configuration; ``network_overrides`` changes fields of it.
     ``prealign``: "rigid" fits each moving CT rigidly to its fixed CT before the network (stored in
     the model, applied again at inference); ``init``: a model or checkpoint whose weights start
-    the run (fine-tuning) instead of the seeded random initialisation."""
+    the run (fine-tuning) instead of the seeded random initialisation. ``loss``: "unsupervised" (the
+    paper's), "supervised" (endpoint error against the truth fields, body weight 1 and uptake organs and
+    tumours 1 + ``organ_weight``, the SPECT field's error times ``lambda_spect_field``, plus
+    ``lambda_reg`` x diffusion) or "both" (the sum); ``randomise_intensity``: each image's contrast,
+    brightness and noise drawn at random per step."""
     data: str = ""
     out: str = "training_run"
     network: str = "corx-cpu"
@@ -59,6 +68,10 @@ class TrainConfig:
     prealign: str = "rigid"
     init: str | None = None
     loss_mask: str = "fov"          # "fov": image terms inside both fields of view; "none": everywhere (v1)
+    loss: str = "unsupervised"
+    organ_weight: float = 3.0
+    lambda_spect_field: float = 1.0
+    randomise_intensity: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +85,8 @@ class TrainConfig:
 
 # What defines a run: resuming with any of these changed would mix two trainings under one label.
 RUN_DEFINING = ("data", "network", "network_overrides", "lr", "weight_decay", "lambda_spect", "lambda_reg",
-                "val_patients", "seed", "augment", "max_rotation_deg", "epoch_steps", "prealign", "init", "loss_mask")
+                "val_patients", "seed", "augment", "max_rotation_deg", "epoch_steps", "prealign", "init", "loss_mask",
+                "loss", "organ_weight", "lambda_spect_field", "randomise_intensity")
 
 
 def resume_conflicts(stored: dict, cfg: TrainConfig) -> list:
@@ -155,24 +169,75 @@ def pair_fields_of_view(patient: dict, fixed: int, moving: int, initial: torch.T
     return [fixed_fov, moving_fov]
 
 
-def pair_loss(network, batch: list, fovs: list | None, weights: LossWeights) -> tuple:
+def pair_loss(network, batch: list, fovs: list | None, weights: LossWeights, with_spect: bool = False) -> tuple:
     """(own field, loss, parts) of the network on a pre-aligned batch; ``fovs``: count the image terms
-    only where both scans hold data (:func:`losses.overlap_mask`), None: everywhere."""
+    only where both scans hold data (:func:`losses.overlap_mask`), None: everywhere. With ``with_spect``
+    the own field is (CT field, SPECT field) and the SPECT is warped by the SPECT field."""
     fct, mct, fsp, msp = batch
-    own = network(fct, mct, fsp, msp)
-    mask = None if fovs is None else overlap_mask(fovs[0], fovs[1], own)
-    loss, parts = registration_loss(fct, warp(mct, own), fsp, warp(msp, own), own, weights, mask)
+    own = network(fct, mct, fsp, msp, with_spect=True) if with_spect else network(fct, mct, fsp, msp)
+    own_ct, own_spect = own if with_spect else (own, own)
+    mask = None if fovs is None else overlap_mask(fovs[0], fovs[1], own_ct)
+    loss, parts = registration_loss(fct, warp(mct, own_ct), fsp, warp(msp, own_spect), own_ct, weights, mask)
     return own, loss, parts
 
 
+def truth_loss(displacements: tuple, truths: tuple, weight_map: torch.Tensor, spacing_mm: float,
+               lambda_spect_field: float) -> tuple:
+    """(weighted endpoint error of the CT field + ``lambda_spect_field`` x that of the SPECT field (mm),
+    parts): the supervised loss of one pair, its fields composed with the pre-alignment."""
+    ct = endpoint_error_mm(displacements[0], truths[0], weight_map, spacing_mm)
+    spect = endpoint_error_mm(displacements[1], truths[1], weight_map, spacing_mm)
+    return ct + lambda_spect_field * spect, {"truth_ct_mm": float(ct.detach()), "truth_spect_mm": float(spect.detach())}
+
+
+def supervised_step_loss(model, patient: dict, fixed: int, moving: int, prep: PreprocessConfig, cfg: "TrainConfig",
+                         weights: LossWeights, rng: np.random.Generator | None, device) -> tuple:
+    """(loss, parts) of one training step with the truth (``cfg.loss`` "supervised" or "both"): the raw
+    pair and its truth fields augmented together (``rng``; None: as stored), the moving pair pre-aligned in
+    the augmented frame, the network's CT and SPECT fields composed with the pre-alignment and compared
+    with the truth; "both" adds the paper's image loss of the pre-aligned pair."""
+    fct, fsp = (t.to(device) for t in session_tensors(patient, fixed, prep))
+    mct, msp = (t.to(device) for t in session_tensors(patient, moving, prep))
+    truth_ct, truth_spect, labels = pair_truth(patient, fixed, moving, device)
+    organs = uptake_tissue(labels) if labels is not None else torch.zeros_like(fct)
+    images = [fct, mct, fsp, msp]
+    fovs = pair_fields_of_view(patient, fixed, moving, torch.zeros_like(truth_ct), device) \
+        if cfg.loss == "both" and cfg.loss_mask == "fov" else []
+    if rng is not None and cfg.augment:
+        aug = sample_augmentation(rng, cfg.max_rotation_deg)
+        moved = apply_augmentation(images + fovs + [organs], aug)
+        images, fovs, organs = moved[:4], moved[4:-1], moved[-1]
+        truth_ct, truth_spect = augment_displacement(truth_ct, aug), augment_displacement(truth_spect, aug)
+    if rng is not None and cfg.randomise_intensity:
+        images = randomise_intensity(images, rng)
+    fct, mct, fsp, msp = images
+    initial, mct_pre, msp_pre = prealign_moving(prep.prealign, fct, mct, msp, prep.body_level)
+    own, image_loss, parts = pair_loss(model, [fct, mct_pre, fsp, msp_pre],
+                                       [fovs[0], warp(fovs[1], initial, padding="zeros")] if fovs else None,
+                                       weights, with_spect=True)
+    disps = tuple(compose(o, initial) for o in own)
+    weight_map = (fct > prep.body_level).float() * (1.0 + cfg.organ_weight * organs)   # error_weights, augmented
+    spacing = float(patient["grid"]["spacing_xyz_mm"][0])
+    loss, truth_parts = truth_loss(disps, (truth_ct, truth_spect), weight_map, spacing, cfg.lambda_spect_field)
+    if cfg.loss == "supervised":
+        from ..network.losses import diffusion
+        reg = diffusion(own[0])
+        return loss + weights.regularisation * reg, {**truth_parts, "regularisation": float(reg.detach())}
+    return loss + image_loss, {**truth_parts, **parts}
+
+
 def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: PreprocessConfig,
-                  weights: LossWeights, device="cpu", loss_mask: str = "none") -> dict:
-    """Loss, the paper's metrics and (where the truth is stored) displacement error in mm for one pair."""
+                  weights: LossWeights, device="cpu", loss_mask: str = "none", organ_weight: float = 3.0,
+                  lambda_spect_field: float = 1.0) -> dict:
+    """Loss, the paper's metrics and (where the truth is stored) displacement error in mm for one pair;
+    with CT and SPECT truth also ``truth_loss`` (the supervised loss, :func:`truth_loss`) and the
+    endpoint errors of the CT and SPECT fields and of the pre-alignment alone, in the body and in the
+    uptake organs and tumours."""
     batch, initial = pair_batch(patient, fixed, moving, cfg, device)
     fct = batch[0]
     fovs = pair_fields_of_view(patient, fixed, moving, initial, device) if loss_mask == "fov" else None
     with torch.no_grad():
-        own, loss, parts = pair_loss(network, batch, fovs, weights)
+        (own, own_spect), loss, parts = pair_loss(network, batch, fovs, weights, with_spect=True)
         disp = compose(own, initial)
         mct = session_tensors(patient, moving, cfg)[0].to(device)
         unit = [torch.from_numpy(normalise_spect(patient["spect_unit"][i].float().numpy(),
@@ -192,18 +257,30 @@ def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: Preproce
                     else float("nan")
             identity_err = truth[0].norm(dim=0) * spacing
             out["identity_error_body_mm"] = float(identity_err[body].mean())
+        if has_truth(patient):
+            truths = pair_truth(patient, fixed, moving, device)
+            spacing = float(patient["grid"]["spacing_xyz_mm"][0])
+            body = error_weights(fct, None, cfg.body_level, 0.0)
+            weight_map = error_weights(fct, truths[2], cfg.body_level, organ_weight)
+            uptake = body * uptake_tissue(truths[2]) if truths[2] is not None else body
+            disps = (disp, compose(own_spect, initial))
+            out["truth_loss"] = float(truth_loss(disps, truths[:2], weight_map, spacing, lambda_spect_field)[0])
+            for name, d, t in (("ct", disps[0], truths[0]), ("spect", disps[1], truths[1]),
+                               ("rigid_ct", initial, truths[0]), ("rigid_spect", initial, truths[1])):
+                out[f"epe_{name}_body_mm"] = float(endpoint_error_mm(d, t, body, spacing))
+                out[f"epe_{name}_uptake_mm"] = float(endpoint_error_mm(d, t, uptake, spacing))
     return out
 
 
 def validate(network, files: list, cache: PatientCache, cfg: PreprocessConfig, weights: LossWeights,
-             device="cpu", loss_mask: str = "none") -> dict:
+             device="cpu", loss_mask: str = "none", organ_weight: float = 3.0, lambda_spect_field: float = 1.0) -> dict:
     """Mean of :func:`evaluate_pair` over the reference-fixed pairs of every validation patient."""
     network.eval()
     rows = []
     for f in files:
         p = cache(f)
         ref = p["reference_index"]
-        rows += [evaluate_pair(network, p, ref, m, cfg, weights, device, loss_mask)
+        rows += [evaluate_pair(network, p, ref, m, cfg, weights, device, loss_mask, organ_weight, lambda_spect_field)
                  for m in range(len(p["hours"])) if m != ref]
     network.train()
     keys = rows[0].keys()
@@ -227,10 +304,17 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     out = Path(cfg.out)
     last_path = out / "last.pt"
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
     net_cfg = named_config(cfg.network, **cfg.network_overrides)   # a bad configuration fails before any work
     files = _patient_files(cfg.data)
     train_files, val_files = split_patients(files, cfg.val_patients)
     cache = PatientCache()
+    if cfg.loss != "unsupervised":
+        without = [f.name for f in files if not has_truth(cache(f))]
+        if without:
+            raise ValueError(f"--loss {cfg.loss} needs the CT and SPECT truth of simulated patients; "
+                             f"{', '.join(without[:5])} hold none (pack them with this version's prepare-data)")
     prep = replace(PreprocessConfig.from_dict(cache(train_files[0])["preprocess"]), prealign=cfg.prealign)
     weights = LossWeights(cfg.lambda_spect, cfg.lambda_reg)
 
@@ -238,8 +322,10 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
     network = build_network(net_cfg)
     if cfg.init:                                      # same layers required; flags such as diffeomorphic may differ
         initial, _ = load_checkpoint(cfg.init)
-        try:
-            network.load_state_dict(initial.state_dict())
+        try:                                          # a SPECT correction head may be new: it starts at zero
+            missing, unexpected = network.load_state_dict(initial.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("spect_head.") for k in missing):
+                raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
         except RuntimeError as exc:
             raise ValueError(f"--init {cfg.init}: its {initial.config.name} weights do not fit {net_cfg.name}: "
                              f"{str(exc).splitlines()[0]}") from None
@@ -301,14 +387,19 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         while position < per_rank:
             fi, f, m = pairs[mine[position]]
             patient = cache(train_files[fi])
-            batch, initial = pair_batch(patient, f, m, prep, device)
-            fovs = pair_fields_of_view(patient, f, m, initial, device) if cfg.loss_mask == "fov" else []
-            if cfg.augment:
-                aug = sample_augmentation(np.random.default_rng([cfg.seed, epoch, position, rank]),
-                                          cfg.max_rotation_deg)
-                batch = apply_augmentation(batch + fovs, aug)
-                batch, fovs = batch[:4], batch[4:]
-            _, loss, _ = pair_loss(model, batch, fovs or None, weights)
+            step_rng = np.random.default_rng([cfg.seed, epoch, position, rank])
+            if cfg.loss != "unsupervised":
+                loss, _ = supervised_step_loss(model, patient, f, m, prep, cfg, weights, step_rng, device)
+            else:
+                batch, initial = pair_batch(patient, f, m, prep, device)
+                fovs = pair_fields_of_view(patient, f, m, initial, device) if cfg.loss_mask == "fov" else []
+                if cfg.augment:
+                    aug = sample_augmentation(step_rng, cfg.max_rotation_deg)
+                    batch = apply_augmentation(batch + fovs, aug)
+                    batch, fovs = batch[:4], batch[4:]
+                if cfg.randomise_intensity:
+                    batch = randomise_intensity(batch, step_rng)
+                _, loss, _ = pair_loss(model, batch, fovs or None, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -333,14 +424,16 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
             if step % cfg.checkpoint_every == 0:
                 save(epoch, position, "periodic")
         if rank == 0:
-            val = validate(network, val_files, cache, prep, weights, device, cfg.loss_mask)
+            val = validate(network, val_files, cache, prep, weights, device, cfg.loss_mask, cfg.organ_weight,
+                           cfg.lambda_spect_field)
             entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(running)) if running else None,
                      "elapsed_s": round(elapsed0 + time.perf_counter() - t_start, 1),
                      **{f"val_{k}": v for k, v in val.items()}}
             history.append(entry)
             log(json.dumps(entry))
-            if best is None or val["loss"] < best["val_loss"]:
-                best = {"epoch": epoch + 1, "val_loss": val["loss"]}
+            key = "loss" if cfg.loss == "unsupervised" else "truth_loss"      # the best epoch by what is learnt
+            if best is None or val[key] < best["val_loss"]:
+                best = {"epoch": epoch + 1, "val_loss": val[key]}
                 save_checkpoint(out / "best.pt", network, prep.to_dict(), {"train_config": cfg.to_dict(),
                                                                            "epoch": epoch + 1, "step": step,
                                                                            "validation": val})

@@ -12,16 +12,20 @@ from .data import pack_patient, pack_simulated, save_patient
 
 def prepare_simulated(out_dir, seeds, preset: str = "clinical", cfg: PreprocessConfig = PreprocessConfig(),
                       log=print) -> list:
-    """Simulate one procedural patient per seed and pack it (with truth) as ``sim-XXXX.pt``.
+    """Simulate one procedural patient per seed and pack it (with truth) as ``sim-XXXX.pt``; ``preset``
+    "randomised" draws each patient's settings (:mod:`simulation.randomised`, for supervised training).
     Existing files are kept, so an interrupted preparation continues where it stopped."""
     from ..simulation import SimulationConfig, simulate_series
+    from ..simulation.randomised import randomised_config
 
     written = []
     for seed in seeds:
         path = Path(out_dir) / f"sim-{seed:04d}.pt"
         if not path.is_file():
             t = time.perf_counter()
-            series = simulate_series(SimulationConfig.preset(preset, seed=int(seed)))
+            sim = randomised_config(int(seed)) if preset == "randomised" else \
+                SimulationConfig.preset(preset, seed=int(seed))
+            series = simulate_series(sim)
             save_patient(pack_simulated(series, cfg), path)
             log(f"{path.name}: {time.perf_counter() - t:.1f} s")
         written.append(path)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The recipe of the supervised CoRX model (corx-cpu with a SPECT head): the bundled v3 weights
+# (training_checkpoints/corx-cpu-ct/best.pt) fine-tuned on domain-randomised simulated patients
+# (`prepare-data --preset randomised`, seeds 200-239; the last 2 validate) with the endpoint error
+# against their true CT and SPECT fields (uptake organs and tumours weighted 4x, intensities
+# randomised per step), behind the same rigid CT-CT pre-alignment, diffeomorphic. One epoch is
+# EPOCH_STEPS pairs followed by validation. The model exported is the end of the run (RUN/last.pt,
+# EPOCHS x EPOCH_STEPS steps): RUN/best.pt, the epoch with the lowest validation truth loss, is chosen
+# on 2 patients only and was the first epoch, whose CT field was still worse than the rigid stage's.
+# Resumable: run it again after an interruption and it continues from RUN/last.pt.
+# Committed: training_checkpoints/corx-cpu-supervised/{best,last}.pt and the exported model
+# training_checkpoints/models/corx-cpu-supervised.{pt,json,md} (copy them into RUN to skip training).
+# Never add the patient15 anatomy, the evaluation seeds (>= 5000) or the demo seed (1001) here.
+set -euo pipefail
+CORX=${CORX:-.venv/bin/corx}
+DATA=${DATA:-output/training/data-randomised}
+RUN=${RUN:-output/training/corx-cpu-supervised}
+INIT=${INIT:-training_checkpoints/corx-cpu-ct/best.pt}
+EPOCHS=${EPOCHS:-4}
+EPOCH_STEPS=${EPOCH_STEPS:-150}
+EXPORT=${EXPORT:-output/models/corx-cpu-supervised.pt}
+
+$CORX prepare-data --simulate 40 --first-seed 200 --preset randomised --out "$DATA"
+$CORX train --data "$DATA" --out "$RUN" --network corx-cpu \
+    --network-overrides '{"diffeomorphic": true, "spect_correction": true}' --prealign rigid --init "$INIT" \
+    --loss supervised --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
+    --epochs "$EPOCHS" --epoch-steps "$EPOCH_STEPS" --lr 1e-3 --val-patients 2 --seed 0 --checkpoint-every 25
+mkdir -p "$(dirname "$EXPORT")"
+$CORX export-model --checkpoint "$RUN/last.pt" --run "$RUN" --out "$EXPORT" --overwrite
