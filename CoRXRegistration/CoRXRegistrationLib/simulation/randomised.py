@@ -27,7 +27,7 @@ def randomised_config(seed: int, **overrides) -> SimulationConfig:
         reference_index=int(rng.integers(2)),
         spect_fwhm_mm=(fwhm_low, fwhm_low + float(rng.uniform(0.0, 4.0))),
         spect_spacing_mm=spacing,
-        spect_shape_zyx=(int(rng.integers(70, 112)), 128, 128),                  # axial field of view 30-50 cm
+        spect_shape_zyx=(int(rng.integers(70, 112)), 128, 128),                  # axial field of view 27-53 cm
         ct_shape_zyx=(int(rng.integers(84, 124)), 300, 300),
         counts_per_mbq_s=float(np.exp(rng.uniform(np.log(0.75), np.log(8.0)))),
         ct_noise_hu=float(rng.uniform(10.0, 60.0)),
