@@ -368,6 +368,9 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
                      "is the method's noise floor, not motion")
     if correction is not None:
         correction = displacement_voxels_to_lps(correction.detach().float().cpu()[0].numpy(), grid)
+        size = np.linalg.norm(correction, axis=-1)
+        notes.append(f"network SPECT correction (its SPECT head, added to the field the SPECT follows): mean "
+                     f"{float(size.mean()):.2f} mm, largest {float(size.max()):.2f} mm")
     result = RegistrationResult(grid, field_network, fixed.spect_geometry, fixed.ct_geometry, correction,
                                 spect_offset_mm=offset_mm, spect_organ_shift_mm=organ_mm,
                                 spect_organ_weight=organ_weight, timings_s=timings,
@@ -451,8 +454,9 @@ def write_registration(result: RegistrationResult, out_dir, protected=(), overwr
                          "warped_ct": "fixed CT" if result.warped_ct_geometry is None
                          or result.warped_ct_geometry == result.fixed_ct_geometry else "fixed SPECT"},
                "stored_resolution": {"field_spect_mm": FIELD_STEP_MM, "jacobian": JACOBIAN_STEP},
-               "fields": {"field_spect": "what the SPECT follows: CT-driven field + SPECT/CT offset + "
-                                         "organ shift (uptake weight x shift, along LPS z)",
+               "fields": {"field_spect": "what the SPECT follows: CT-driven field + the network's SPECT correction "
+                                         "(models with a SPECT head) + SPECT/CT offset + organ shift (uptake "
+                                         "weight x shift, along LPS z)",
                           "field_network": "CT-driven field on the network grid (without the SPECT/CT offset); "
                                            "written only on request (--network-field)"}}
     write_text(files["metrics"], json.dumps(summary, indent=2))

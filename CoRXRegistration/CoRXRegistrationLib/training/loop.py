@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..network.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..network.config import named_config
-from ..network.losses import LossWeights, overlap_mask, registration_loss
+from ..network.losses import LossWeights, diffusion, overlap_mask, registration_loss
 from ..network.metrics import registration_metrics
 from ..network.networks import build_network, count_parameters
 from ..network.rigid import prealign_moving
@@ -220,7 +220,6 @@ def supervised_step_loss(model, patient: dict, fixed: int, moving: int, prep: Pr
     spacing = float(patient["grid"]["spacing_xyz_mm"][0])
     loss, truth_parts = truth_loss(disps, (truth_ct, truth_spect), weight_map, spacing, cfg.lambda_spect_field)
     if cfg.loss == "supervised":
-        from ..network.losses import diffusion
         reg = diffusion(own[0])
         return loss + weights.regularisation * reg, {**truth_parts, "regularisation": float(reg.detach())}
     return loss + image_loss, {**truth_parts, **parts}
