@@ -134,3 +134,25 @@ def test_patient15_orientation_and_labels():
     assert centroid(4)[2] > centroid(6)[2]               # liver above kidneys (superior = +z)
     assert centroid(6)[1] > centroid(4)[1]               # kidneys posterior to the liver centre
     assert p.hu.max() < 1500                             # the couch is removed
+
+
+def test_randomised_training_patients_differ_and_keep_the_seed_stream():
+    """The randomised preset draws each patient's settings from its own stream: two seeds differ, a seed
+    repeats, and the default-valued SPECT/CT mismatch scale leaves the scanner cache keys (and so the
+    reconstructions cached before it existed) as they were."""
+    from dataclasses import asdict
+    import hashlib
+    from CoRXRegistrationLib.simulation.randomised import randomised_config
+    from CoRXRegistrationLib.simulation.series import scanner_cache_key
+    a, b = randomised_config(200), randomised_config(201)
+    assert asdict(a) == asdict(randomised_config(200)) and asdict(a) != asdict(b)
+    for cfg in (a, b):
+        cfg.validate()
+        assert cfg.seed in (200, 201) and 0.5 <= cfg.spect_mismatch_scale <= 2.5
+    clinical = SimulationConfig.preset("clinical", seed=5000, imaging="scanner")
+    settings = {k: v for k, v in asdict(clinical).items()
+                if k not in ("patient15_zip", "scanner_truth_recon", "spect_mismatch_scale")}
+    before = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    assert scanner_cache_key(clinical) == f"procedural-5000-{before}"
+    assert scanner_cache_key(SimulationConfig.preset("clinical", seed=5000, imaging="scanner",
+                                                     spect_mismatch_scale=2.0)) != scanner_cache_key(clinical)

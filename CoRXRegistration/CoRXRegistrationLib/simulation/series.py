@@ -287,10 +287,18 @@ def simulate_series(cfg: SimulationConfig, progress=None, scanner_cache=None) ->
                            curves, voi_truth, fwhm, timing, session_labels, recon_unmoved, imaging_info)
 
 
+#: Settings added after scanner caches existed, left out of the cache key at these (default) values, so the
+#: reconstructions cached before them are found again.
+KEY_NEUTRAL_DEFAULTS = {"spect_mismatch_scale": 1.0}
+
+
 def scanner_cache_key(cfg: SimulationConfig) -> str:
     """The cache folder name of a configuration's scanner reconstructions (every setting that shapes them)."""
     import hashlib
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("patient15_zip", "scanner_truth_recon")}
+    for name, default in KEY_NEUTRAL_DEFAULTS.items():      # settings added later: at their default, old keys hold
+        if settings.get(name) == default:
+            del settings[name]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
     return f"{cfg.anatomy}-{cfg.seed}-{digest}"
 
