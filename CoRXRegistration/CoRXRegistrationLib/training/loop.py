@@ -216,7 +216,7 @@ def supervised_step_loss(model, patient: dict, fixed: int, moving: int, prep: Pr
                                        [fovs[0], warp(fovs[1], initial, padding="zeros")] if fovs else None,
                                        weights, with_spect=True)
     disps = tuple(compose(o, initial) for o in own)
-    weight_map = (fct > prep.body_level).float() * (1.0 + cfg.organ_weight * organs)   # error_weights, augmented
+    weight_map = error_weights(fct, organs, prep.body_level, cfg.organ_weight)
     spacing = float(patient["grid"]["spacing_xyz_mm"][0])
     loss, truth_parts = truth_loss(disps, (truth_ct, truth_spect), weight_map, spacing, cfg.lambda_spect_field)
     if cfg.loss == "supervised":
@@ -259,9 +259,10 @@ def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: Preproce
         if has_truth(patient):
             truths = pair_truth(patient, fixed, moving, device)
             spacing = float(patient["grid"]["spacing_xyz_mm"][0])
+            tissue = uptake_tissue(truths[2]) if truths[2] is not None else None
             body = error_weights(fct, None, cfg.body_level, 0.0)
-            weight_map = error_weights(fct, truths[2], cfg.body_level, organ_weight)
-            uptake = body * uptake_tissue(truths[2]) if truths[2] is not None else body
+            weight_map = error_weights(fct, tissue, cfg.body_level, organ_weight)
+            uptake = body if tissue is None else body * tissue
             disps = (disp, compose(own_spect, initial))
             out["truth_loss"] = float(truth_loss(disps, truths[:2], weight_map, spacing, lambda_spect_field)[0])
             for name, d, t in (("ct", disps[0], truths[0]), ("spect", disps[1], truths[1]),

@@ -63,14 +63,14 @@ def uptake_tissue(labels: torch.Tensor) -> torch.Tensor:
     return (((labels >= LIVER) & (labels <= BLADDER)) | (labels >= TUMOUR_BASE)).float()
 
 
-def error_weights(fixed_ct: torch.Tensor, labels: torch.Tensor | None, body_level: float,
+def error_weights(fixed_ct: torch.Tensor, uptake: torch.Tensor | None, body_level: float,
                   organ_weight: float) -> torch.Tensor:
     """Where the endpoint error counts (B, 1, Z, Y, X): 1 in the body (normalised fixed CT above
-    ``body_level``), 1 + ``organ_weight`` in the uptake organs and tumours."""
+    ``body_level``), 1 + ``organ_weight`` where ``uptake`` (:func:`uptake_tissue`, possibly resampled) is 1."""
     body = (fixed_ct > body_level).float()
-    if labels is None or organ_weight == 0.0:
+    if uptake is None or organ_weight == 0.0:
         return body
-    return body * (1.0 + organ_weight * uptake_tissue(labels))
+    return body * (1.0 + organ_weight * uptake)
 
 
 def endpoint_error_mm(displacement: torch.Tensor, truth: torch.Tensor, weights: torch.Tensor,
