@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..network.transform import compose, warp
-from ..simulation.anatomy import BLADDER, LIVER, TUMOUR_BASE
+from ..simulation.anatomy import ORGAN_VOIS, TUMOUR_BASE
 
 #: Truth keys of a packed patient: the field the CT follows and the one the SPECT follows.
 TRUTH_KEYS = {"ct": "truth_displacement_ct", "spect": "truth_displacement"}
@@ -58,9 +58,15 @@ def pair_truth(patient: dict, fixed: int, moving: int, device="cpu") -> tuple:
     return out[0], out[1], labels
 
 
+#: Tissue labels of the organ VOIs the simulator and the evaluation report (liver, spleen, kidneys, bladder).
+ORGAN_LABELS = tuple(sorted({c for codes in ORGAN_VOIS.values() for c in codes}))
+
+
 def uptake_tissue(labels: torch.Tensor) -> torch.Tensor:
-    """1 in the liver, spleen, kidneys, bladder and tumours (the VOIs a dose is reported for), else 0."""
-    return (((labels >= LIVER) & (labels <= BLADDER)) | (labels >= TUMOUR_BASE)).float()
+    """1 in the organ VOIs (:data:`simulation.anatomy.ORGAN_VOIS`) and tumours, the VOIs a dose is reported
+    for, else 0."""
+    organs = torch.isin(labels, torch.tensor(ORGAN_LABELS, dtype=labels.dtype, device=labels.device))
+    return (organs | (labels >= TUMOUR_BASE)).float()
 
 
 def error_weights(fixed_ct: torch.Tensor, uptake: torch.Tensor | None, body_level: float,
