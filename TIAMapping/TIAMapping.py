@@ -11,6 +11,7 @@ from CoRXRegistration import (PAPER_CITATION, Busy, PanelProgress, ScriptedLoada
                               addTableNode, addVolumeNode, callNow, readParameters, removeNodes, saveNode,
                               volumeNodeGeometry, writeParameters)
 from TIAMappingLib.pipeline import compute_tia_outputs
+from TIAMappingLib.voxel_tia import DEFAULT_INTEGRATION
 
 
 class TIAMapping(ScriptedLoadableModule):
@@ -120,7 +121,7 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
                                   source="typed in the panel")
 
     def computeTIA(self, spectVolumeNodes, timesHours, voiNode=None, segmentNames=None, ctVolumeNode=None,
-                   progress=None, cancel=None, runner=None, allow=(), pvc=None):
+                   progress=None, cancel=None, runner=None, allow=(), pvc=None, integration=DEFAULT_INTEGRATION):
         """TIA map (Bq h/mL), fit RMSE (Bq/mL), model map and dose (Gy, with CT) as new volume nodes.
 
         spectVolumeNodes: registered SPECT in Bq/mL on one grid, in time order; timesHours: hours
@@ -131,6 +132,8 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
         checks of ``CoRXRegistrationLib.validate`` (SPECT in Bq/mL, CT in HU, times, segment coverage);
         ``allow``: checks to turn into warnings (in "messages"). ``pvc``: partial-volume correction
         (:meth:`pvcSettings`): the VOI rows gain the corrected values; rbv adds PV-corrected TIA and dose nodes.
+        ``integration``: how each voxel and VOI curve is integrated in time, "washout" or "eq6" (the paper's
+        Eq. 6 over every point; ``TIAMappingLib.voxel_tia``).
         Raises ValueError on bad input, LogicBusyError while another computation of this Logic runs.
         """
         if len(spectVolumeNodes) != len(timesHours):
@@ -150,7 +153,8 @@ class TIAMappingLogic(ScriptedLoadableModuleLogic):
                 activities, list(timesHours), geometry, segments, seg_geometry, ct, ct_geometry, progress=progress,
                 cancel=cancel, allow=allow, labels=[f"'{n.GetName()}' ({t:g} h)" for n, t in zip(spectVolumeNodes,
                                                                                                  timesHours)],
-                ct_label=f"CT '{ctVolumeNode.GetName()}'" if ctVolumeNode is not None else "CT", pvc=pvc))
+                ct_label=f"CT '{ctVolumeNode.GetName()}'" if ctVolumeNode is not None else "CT", pvc=pvc,
+                integration=integration))
             return self._addOutputNodes(out, geometry, list(timesHours))
 
     def _addOutputNodes(self, out, geometry, timesHours):
@@ -279,6 +283,7 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.running = running
         for widget in (self.ui.spectNodesSelector, self.ui.timesLineEdit, self.ui.voiSelector, self.ui.ctSelector,
                        self.ui.pvcComboBox, self.ui.psfFwhmLineEdit, self.ui.pvcCalibrationPathLineEdit,
+                       self.ui.integrationComboBox,
                        self.ui.exportButton, self.ui.exportDirectoryButton):
             widget.enabled = not running
         self.ui.cancelButton.enabled = running
@@ -305,7 +310,8 @@ class TIAMappingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.result = self.logic.computeTIA(nodes, times, self.ui.voiSelector.currentNode(),
                                                         ctVolumeNode=self.ui.ctSelector.currentNode(),
                                                         progress=progress, cancel=lambda: self.cancelRequested,
-                                                        runner=progress.run, pvc=pvc)
+                                                        runner=progress.run, pvc=pvc,
+                                                        integration=self.ui.integrationComboBox.currentText)
                 except Cancelled:
                     self.ui.statusLabel.text = "TIA cancelled; no map was made."
                     self.ui.progressBar.value = 0

@@ -44,7 +44,7 @@ def test_batch_processes_every_patient_and_reports_failures(small_series_dir, tm
                                                                      {"hours": 24, "ct": "x.nii.gz",
                                                                       "spect": "x.nii.gz"}]}))
     out = tmp_path / "out"
-    done = run_batch("--input", cohort, "--output", out, "--device", "cpu", "--pvc", "rbv")
+    done = run_batch("--input", cohort, "--output", out, "--device", "cpu", "--pvc", "rbv", "--time-integration", "eq6")
     assert done.returncode == 1, done.stdout + done.stderr               # P002 fails, P001 is still processed
     log = (out / "batch.log").read_text()
     assert "missing.nii.gz" in log and "1 of 2 patients processed" in log
@@ -72,5 +72,6 @@ def test_batch_processes_every_patient_and_reports_failures(small_series_dir, tm
     as_json = json.loads((p1 / "voi.json").read_text())
     liver = next(r for r in as_json["vois"] if r["segment"] == "liver")
     assert liver["pvc"] == "rbv" and liver["pvc_tia_mbq_h"] > 0 and (p1 / "tia_pvc.nrrd").is_file()
+    assert liver["time_integration"] == "eq6" and liver["organ_tia_mbq_h"] == liver["eq6_tia_mbq_h"]
     assert as_json["units"]["tia"] == "MBq*h" and len(as_json["vois"]) == len(voi) - 1
     assert "spect_lncc" in (p1 / "registration_qa.csv").read_text()

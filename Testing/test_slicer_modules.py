@@ -172,7 +172,7 @@ def test_voi_table_with_an_empty_segment_becomes_a_full_table(mrml_scene):
     inside[1:3, 1:3, 1:3] = True
     rows = voi_table({"empty": np.zeros((4, 4, 4), bool), "liver": inside}, act, times, 0.064)
     table = addTableNode(rows, "VOI").GetTable()
-    assert table.GetColumnByName("eq6_model").GetValue(1) == "mono-exponential"
+    assert table.GetColumnByName("eq6_model").GetValue(1) == "mono-exponential (Eq. 6)"
     assert table.GetColumnByName("eq6_model").GetValue(0) == ""
     assert table.GetNumberOfRows() == 2
 
@@ -351,6 +351,32 @@ def test_tia_logic_corrects_partial_volume_from_the_panel_settings(mrml_scene):
         logic.pvcSettings("gtm", "twelve", "", 3)
     with pytest.raises(ValueError, match="needs the SPECT resolution"):
         logic.pvcSettings("gtm", "", "", 3)
+
+
+def test_tia_logic_integrates_as_the_panel_says(mrml_scene):
+    """The panel's time integration reaches the maps and the VOI table: a curve rising to 4 h and washing out
+    is integrated from its peak by default (model 5) and by one fit through every point with "eq6" (model 2)."""
+    import slicer
+
+    from CoRXRegistration import addVolumeNode
+    from CoRXRegistrationLib.geometry import Geometry
+    from TIAMapping import TIAMappingLogic
+    g = Geometry.centred((6, 6, 6), (4.0, 4.0, 4.0))
+    times = [0.5, 4.0, 24.0, 48.0]
+    values = [3e4, 1e5, 1e5 * np.exp(-np.log(2) / 80.0 * 20.0), 1e5 * np.exp(-np.log(2) / 80.0 * 44.0)]
+    hot = np.zeros((6, 6, 6), bool)
+    hot[2:4, 2:4, 2:4] = True
+    nodes = [addVolumeNode(np.where(hot, v, 0.0).astype(np.float32), g, f"S {t:g}h") for v, t in zip(values, times)]
+    labels = addVolumeNode(hot.astype(np.int16), g, "L", "vtkMRMLLabelMapVolumeNode")
+    logic = TIAMappingLogic()
+    allow = ["spect-activity"]
+    washout = logic.computeTIA(nodes, times, labels, {1: "hot"}, allow=allow)
+    paper = logic.computeTIA(nodes, times, labels, {1: "hot"}, allow=allow, integration="eq6")
+    assert (slicer.util.arrayFromVolume(washout["fit_model"])[hot] == 5).all()
+    assert (slicer.util.arrayFromVolume(paper["fit_model"])[hot] == 2).all()
+    rows = washout["voi_rows"][0], paper["voi_rows"][0]
+    assert [r["time_integration"] for r in rows] == ["washout", "eq6"]
+    assert rows[1]["organ_tia_mbq_h"] > 1.3 * rows[0]["organ_tia_mbq_h"]
 
 
 def test_parameters_round_trip_through_a_saved_scene(mrml_scene, tmp_path):

@@ -164,7 +164,7 @@ def _cmd_evaluate_pvc(args) -> int:
     from .pvc_evaluation import run_pvc_evaluation
     result = run_pvc_evaluation(args.out, calibration=args.pvc_calibration, registrations=tuple(args.registrations),
                                 model=args.model, preset=args.preset, sensitivity=not args.no_sensitivity,
-                                **_held_out(args))
+                                integrations=args.time_integration, **_held_out(args))
     print(result["markdown"])
     return 0
 
@@ -175,7 +175,7 @@ def _cmd_tia(args) -> int:
     t0 = time.perf_counter()
     outputs = run_tia_files(args.spect, args.times, args.out, segmentation=args.segmentation, ct=args.ct,
                             population_half_life_h=args.stp_half_life, overwrite=args.overwrite, allow=_allow(args),
-                            pvc=_pvc_settings(args, len(args.times)))
+                            pvc=_pvc_settings(args, len(args.times)), integration=args.time_integration)
     for msg in outputs.messages:
         print(f"note: {msg}")
     _print_voi_rows(outputs.voi_rows)
@@ -186,7 +186,8 @@ def _cmd_tia(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.out, preset=args.preset, seed=args.seed, anatomy=args.anatomy, overwrite=True, model=args.model,
-             device=args.device, input_path=args.input, allow=_allow(args), pvc=args.pvc)
+             device=args.device, input_path=args.input, allow=_allow(args), pvc=args.pvc,
+             integration=args.time_integration)
     return 0
 
 
@@ -299,7 +300,7 @@ def _cmd_dosimetry(args) -> int:
     manifest = read_series(args.series, **_series_options(args))
     result = run_dosimetry(manifest, args.out, model=args.model, device=args.device, overwrite=args.overwrite,
                            allow=_allow(args), segmentation=args.segmentation,
-                           pvc=_pvc_settings(args, len(manifest.hours), manifest))
+                           pvc=_pvc_settings(args, len(manifest.hours), manifest), integration=args.time_integration)
     _print_provenance(manifest)
     for msg in result["outputs"].messages:
         print(f"note: {msg}")
@@ -514,6 +515,18 @@ def _add_pvc_options(parser) -> None:
                         help="a phantom calibration from corx calibrate-pvc (FWHM and recovery curve)")
 
 
+def _add_integration_option(parser, several: bool = False) -> None:
+    from TIAMappingLib.voxel_tia import DEFAULT_INTEGRATION, INTEGRATIONS
+    text = "; ".join(f"{k}: {v}" for k, v in INTEGRATIONS.items())
+    if several:
+        parser.add_argument("--time-integration", nargs="+", choices=list(INTEGRATIONS), default=[DEFAULT_INTEGRATION],
+                            help=f"time integrations to compare, side by side ({text}; default {DEFAULT_INTEGRATION})")
+    else:
+        parser.add_argument("--time-integration", choices=list(INTEGRATIONS), default=DEFAULT_INTEGRATION,
+                            help=f"how each voxel's and VOI's time-activity curve is integrated ({text}; default "
+                                 f"{DEFAULT_INTEGRATION})")
+
+
 def _pvc_settings(args, n_times: int, manifest=None):
     """The PVC settings from --pvc, --psf-fwhm-mm, --pvc-calibration and the manifest (command line first)."""
     from TIAMappingLib.pvc import PVCSettings
@@ -526,7 +539,7 @@ def _print_voi_rows(rows) -> None:
             print(f"warning: segment '{row['segment']}': {row['status']}")
             continue
         dose = f", mean dose {row['mean_gy']:.2f} Gy" if "mean_gy" in row else ""
-        text = (f"{row['segment']:>24}: {row['volume_ml']:8.1f} mL, organ TIA {row.get('eq6_tia_mbq_h', float('nan')):10.1f}"
+        text = (f"{row['segment']:>24}: {row['volume_ml']:8.1f} mL, organ TIA {row.get('organ_tia_mbq_h', float('nan')):10.1f}"
                 f" MBq h, voxel TIA sum {row['voxel_tia_sum_mbq_h']:10.1f} MBq h{dose}")
         if "pvc_tia_mbq_h" in row:
             text += f", {row['pvc']}-corrected {row['pvc_tia_mbq_h']:10.1f} MBq h (x{row['pvc_factor']:.2f})"
@@ -610,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the earlier result set in --out (all of it: no stale dose or VOI table is kept)")
     _add_pvc_options(t)
+    _add_integration_option(t)
     _add_allow(t)
     t.set_defaults(func=_cmd_tia)
 
@@ -636,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pvc", choices=["none", "rc", "gtm", "rbv"], default="rbv",
                    help="partial-volume correction beside the uncorrected values (default rbv; a simulated patient "
                         "is corrected with the IEC phantom calibrated by the same imaging chain)")
+    _add_integration_option(d)
     _add_model_options(d)
     _add_allow(d)
     d.set_defaults(func=_cmd_demo)
@@ -691,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     do.add_argument("--overwrite", action="store_true", help="replace the earlier result sets in --out")
     _add_dicom_options(do)
     _add_pvc_options(do)
+    _add_integration_option(do)
     _add_allow(do)
     do.set_defaults(func=_cmd_dosimetry)
 
@@ -719,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ideal: the true motion; corx: the bundled model")
     ep.add_argument("--preset", choices=["clinical", "small"], default="clinical", help="grid sizes")
     ep.add_argument("--no-sensitivity", action="store_true", help="skip the FWHM +-2 mm and shifted-segmentation runs")
+    _add_integration_option(ep, several=True)
     _add_model_options(ep)
     ep.set_defaults(func=_cmd_evaluate_pvc)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from TIAMappingLib.pipeline import compute_tia_outputs, write_tia_outputs
+from TIAMappingLib.voxel_tia import DEFAULT_INTEGRATION, INTEGRATIONS
 
 from .evaluation import tia_truth_comparison
 from .imageio import read_segmentation, write_image
@@ -67,14 +68,15 @@ def demo_pvc(method: str, data: dict, out: Path):
 
 
 def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwrite=True, model="bundled",
-             device="auto", input_path=None, allow=(), pvc: str = "rbv") -> dict:
+             device="auto", input_path=None, allow=(), pvc: str = "rbv", integration: str = DEFAULT_INTEGRATION) -> dict:
     """Series -> CoRX registration of every time point -> TIA, dose, VOI tables -> report.
 
     With ``input_path`` (a series.json or its folder) the user's own series is used; a manifest
     may name a ``"segmentation"`` on the reference SPECT frame for VOI tables. Otherwise a patient
     is simulated and every result is also checked against its ground truth, next to *no
     registration* and *ideal registration* (the simulator's true field). ``pvc``: the partial-volume
-    correction beside the uncorrected values (:func:`demo_pvc`)."""
+    correction beside the uncorrected values (:func:`demo_pvc`); ``integration``: the time integration
+    (:data:`TIAMappingLib.voxel_tia.INTEGRATIONS`)."""
     out = Path(out_dir)
     timing = {}
     t0 = time.perf_counter()
@@ -102,7 +104,7 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
         bar(0.3, "voxel TIA, dose, VOIs")
         outputs = compute_tia_outputs(aligned, times_h, ref_g, data["segments"], data["segmentation_geometry"],
                                       np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry,
-                                      allow=allow, pvc=pvc_settings)
+                                      allow=allow, pvc=pvc_settings, integration=integration)
         write_tia_outputs(outputs, out / key, list(times_h), [str(data["manifest"])], overwrite=overwrite)
         for i, a in enumerate(aligned):
             write_image(out / key / f"spect_on_reference_{times_h[i]:g}h.nii.gz", a, ref_g)
@@ -112,7 +114,8 @@ def run_demo(out_dir, preset="clinical", seed=1001, anatomy="procedural", overwr
         timing[f"tia_{key}"] = time.perf_counter() - t1
         bar(1.0, "done")
     report = {"series": str(data["manifest"]), "registration": registration_summary(pairs, times_h, series),
-              "vois": tables, "voi_tables": voi_rows, "partial_volume_correction": pvc_settings.to_dict()}
+              "vois": tables, "voi_tables": voi_rows, "partial_volume_correction": pvc_settings.to_dict(),
+              "time_integration": {"method": integration, "description": INTEGRATIONS[integration]}}
     t1 = time.perf_counter()
     ct_ref_on_spect = resample(np.asarray(sessions[ref].ct, np.float32), sessions[ref].ct_geometry, ref_g,
                                fill=-1000.0)
@@ -172,9 +175,13 @@ def _markdown(report: dict) -> str:
                     f"{ib['mean_mm']:.2f} / {iv['mean_mm']:.2f} |")
         lines.append(row)
     lines.append("")
+    integration = report.get("time_integration")
+    if integration:
+        lines += [f"Time integration of every voxel and VOI curve: **{integration['method']}** "
+                  f"({integration['description']}).", ""]
     for key, table in report["vois"].items():
         pvc = report.get("partial_volume_correction", {}).get("method", "none")
-        head = ("| VOI | true TIA (MBq h) | voxel TIA sum | error (%) | organ TIA (Eq. 6) | median voxel error vs "
+        head = ("| VOI | true TIA (MBq h) | voxel TIA sum | error (%) | organ TIA | median voxel error vs "
                 "true TIA (%) | vs PSF truth (%) | mean dose (Gy) |")
         if pvc != "none":
             head += f" {pvc}-corrected TIA | error (%) | {pvc} voxel error vs true TIA (%) | warning |"
@@ -193,10 +200,10 @@ def _markdown(report: dict) -> str:
             if not rows:
                 continue
             lines += [f"## VOIs: {key.replace('_', ' ')}", "",
-                      "| VOI | volume (mL) | organ TIA (Eq. 6, MBq h) | voxel TIA sum (MBq h) | mean dose (Gy) |",
+                      "| VOI | volume (mL) | organ TIA (MBq h) | voxel TIA sum (MBq h) | mean dose (Gy) |",
                       "|---|---:|---:|---:|---:|"]
             for r in rows:
-                lines.append(f"| {r['segment']} | {r['volume_ml']:.1f} | {r.get('eq6_tia_mbq_h', float('nan')):.0f} | "
+                lines.append(f"| {r['segment']} | {r['volume_ml']:.1f} | {r.get('organ_tia_mbq_h', float('nan')):.0f} | "
                              f"{r.get('voxel_tia_sum_mbq_h', float('nan')):.0f} | {r.get('mean_gy', float('nan')):.2f} |")
             lines.append("")
     share = report.get("timing_share_pct", {})

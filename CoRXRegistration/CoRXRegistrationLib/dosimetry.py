@@ -22,6 +22,7 @@ import numpy as np
 
 from TIAMappingLib.pipeline import TIA_OUTPUTS, compute_tia_outputs, write_tia_outputs
 from TIAMappingLib.voi import time_labels
+from TIAMappingLib.voxel_tia import DEFAULT_INTEGRATION
 
 from .imageio import read_segmentation
 from .outputs import OutputSet, write_text
@@ -68,10 +69,11 @@ def _segments(manifest, segmentation):
 
 
 def run_dosimetry(manifest, out_dir, model="bundled", device="auto", overwrite=False, allow=(),
-                  segmentation=None, log=print, pvc=None) -> dict:
+                  segmentation=None, log=print, pvc=None, integration: str = DEFAULT_INTEGRATION) -> dict:
     """Register, map and write (module text). ``manifest``: a
     :class:`~CoRXRegistrationLib.series_io.SeriesManifest` (files or DICOM); ``segmentation``: a label map or
-    .seg.nrrd on any grid (default: the manifest's); ``pvc``: :class:`TIAMappingLib.pvc.PVCSettings`. Every output
+    .seg.nrrd on any grid (default: the manifest's); ``pvc``: :class:`TIAMappingLib.pvc.PVCSettings`;
+    ``integration``: the time integration (:data:`TIAMappingLib.voxel_tia.INTEGRATIONS`). Every output
     is checked before any work."""
     from .series_registration import check_outside_inputs, register_series, registration_summary
     t0 = time.perf_counter()
@@ -91,7 +93,8 @@ def run_dosimetry(manifest, out_dir, model="bundled", device="auto", overwrite=F
     ref_g = sessions[ref].spect_geometry
     outputs = compute_tia_outputs(aligned, hours, ref_g, segments, seg_g, np.asarray(sessions[ref].ct, np.float32),
                                   sessions[ref].ct_geometry, allow=allow,
-                                  labels=[f"SPECT {h:g} h" for h in hours], ct_label=f"CT {hours[ref]:g} h", pvc=pvc)
+                                  labels=[f"SPECT {h:g} h" for h in hours], ct_label=f"CT {hours[ref]:g} h", pvc=pvc,
+                                  integration=integration)
     sources = [str(s) for s in manifest.spect_paths]
     write_tia_outputs(outputs, tia_plan, hours, sources)
     write_text(tia_plan.path("voi.json"), json.dumps({

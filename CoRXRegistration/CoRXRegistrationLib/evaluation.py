@@ -376,7 +376,7 @@ def tia_truth_comparison(outputs, series) -> dict:
                 extra["pvc_median_abs_voxel_error_pct_vs_true"] = round(float(np.nanmedian(e) * 100), 2)
         table[name] = {"true_tia_mbq_h": round(true_tia, 1),
                        "voxel_tia_sum_mbq_h": round(row["voxel_tia_sum_mbq_h"], 1),
-                       "organ_tia_mbq_h": round(row.get("eq6_tia_mbq_h", float("nan")), 1),
+                       "organ_tia_mbq_h": round(row.get("organ_tia_mbq_h", float("nan")), 1),
                        "voi_tia_error_pct": round(100.0 * (row["voxel_tia_sum_mbq_h"] / true_tia - 1.0), 2),
                        "median_abs_voxel_error_pct_vs_psf_truth": round(float(np.nanmedian(vox_err) * 100), 2),
                        "median_abs_voxel_error_pct_vs_true": round(float(np.nanmedian(vox_true) * 100), 2),

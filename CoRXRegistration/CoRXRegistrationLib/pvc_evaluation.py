@@ -25,8 +25,10 @@ PVC_METHODS = ("none", "rc", "gtm", "rbv")
 #: the fit and the segmentation on the SPECT grid, which no correction can remove.
 TRUE_ACTIVITY = "true activity (no PSF)"
 #: The floor rows: the true activity integrated as the uncorrected and rbv values are (voxel TIA sum) and as
-#: the rc and gtm values are (best-AICc fit of the VOI totals).
-FLOORS = ("true activity: voxel TIA sum (as none, rbv)", "true activity: VOI fit (as rc, gtm)")
+#: the rc and gtm values are (the VOI totals integrated in time), both on the SPECT grid; and the true VOI totals
+#: (the whole VOI, on the phantom's grid) integrated in time: the error of the time integration alone.
+FLOORS = ("true activity: voxel TIA sum (as none, rbv)", "true activity: VOI fit (as rc, gtm)",
+          "true VOI totals: time integration alone")
 TUMOUR_CLASSES = (("tumours < 2 cm", 0.0, 20.0), ("tumours 2-3 cm", 20.0, 30.0), ("tumours > 3 cm", 30.0, 1e9))
 
 
@@ -118,12 +120,14 @@ def _half_counts(images: list, series, grid) -> list:
 
 
 def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, log=print,
-                        sensitivity: bool = True) -> list:
-    """Rows (dataset, registration, case, pvc, voi, class, true/uncorrected/corrected TIA, errors)."""
+                        sensitivity: bool = True, integrations=("washout",)) -> list:
+    """Rows (dataset, registration, case, pvc, time integration, voi, class, true/uncorrected/corrected TIA,
+    errors); every integration of ``integrations`` (:data:`TIAMappingLib.voxel_tia.INTEGRATIONS`) at the
+    calibrated FWHM, the sensitivity cases with the first."""
     from TIAMappingLib.pipeline import compute_tia_outputs
     from TIAMappingLib.pvc import PVCSettings, Resolution
 
-    from TIAMappingLib.voi import time_labels
+    from TIAMappingLib.voi import time_labels, voi_curve_fits
 
     from .evaluation import voi_segments
     ref, ref_g = series.config.reference_index, series.reference_spect_geometry
@@ -136,11 +140,12 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
     tags = time_labels(series.config.times_h)
     rows = []
 
-    def run(case, aligned, registration, pvc_method, resolution, segs_g):
+    def run(case, aligned, registration, pvc_method, resolution, segs_g, integration=integrations[0]):
         settings = PVCSettings(pvc_method, resolution if pvc_method != "none" else None,
                                calibration.recovery if pvc_method == "rc" else None)
         t0 = time.perf_counter()
-        out = compute_tia_outputs(aligned, series.config.times_h, ref_g, segments, segs_g, ct, ref_g, pvc=settings)
+        out = compute_tia_outputs(aligned, series.config.times_h, ref_g, segments, segs_g, ct, ref_g, pvc=settings,
+                                  integration=integration)
         seconds = time.perf_counter() - t0
         tia_map = out.tia_pvc if out.tia_pvc is not None else out.tia
         for row in out.voi_rows:
@@ -158,9 +163,10 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
             with np.errstate(divide="ignore", invalid="ignore"):
                 vox = np.abs(tia_map[mask] / series.truth_tia[mask] - 1.0)
             if registration == TRUE_ACTIVITY:      # the floors: both ways of integrating, on the true activity
-                fit = row.get("best_tia_mbq_h", float("nan"))
+                fit = row.get("organ_tia_mbq_h", float("nan"))
                 rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
-                             "registration": registration, "case": case, "pvc": FLOORS[1], "voi": name,
+                             "registration": registration, "case": case, "pvc": FLOORS[1],
+                             "integration": integration, "voi": name,
                              "class": cls, "diameter_mm": round(diameters.get(name, float("nan")), 1),
                              "true_tia_mbq_h": true, "tia_mbq_h": fit, "error_pct": 100.0 * (fit / true - 1.0),
                              "activity_error_pct": float(np.mean(activity)) if activity else float("nan"),
@@ -170,7 +176,8 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
             else:
                 pvc_label = pvc_method
             rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
-                         "registration": registration, "case": case, "pvc": pvc_label, "voi": name, "class": cls,
+                         "registration": registration, "case": case, "pvc": pvc_label, "integration": integration,
+                         "voi": name, "class": cls,
                          "diameter_mm": round(diameters.get(name, float("nan")), 1),
                          "true_tia_mbq_h": true, "tia_mbq_h": value,
                          "error_pct": 100.0 * (value / true - 1.0),
@@ -181,10 +188,25 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
                          "condition": out.pvc.condition if out.pvc is not None else float("nan")})
 
     base = calibration.resolution
-    for registration, images in registrations.items():
-        for pvc_method in PVC_METHODS if registration != TRUE_ACTIVITY else ("none",):
-            run("calibrated FWHM", images, registration, pvc_method, base, seg_g)
-        log(f"{dataset}: {registration} done")
+    names = [n for n in true_totals if n in truth and voi_class(n, diameters.get(n, 0.0)) is not None]
+    for integration in integrations:
+        if TRUE_ACTIVITY in registrations and names:
+            fits = voi_curve_fits(series.config.times_h, np.array([true_totals[n] for n in names]),
+                                  integration=integration)
+            for name, fit in zip(names, fits):
+                true = truth[name]["tia_mbq_h"]
+                rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
+                             "registration": TRUE_ACTIVITY, "case": "calibrated FWHM", "pvc": FLOORS[2],
+                             "integration": integration, "voi": name,
+                             "class": voi_class(name, diameters.get(name, 0.0)),
+                             "diameter_mm": round(diameters.get(name, float("nan")), 1), "true_tia_mbq_h": true,
+                             "tia_mbq_h": fit["organ_tia_mbq_h"], "error_pct": 100.0 * (fit["organ_tia_mbq_h"] / true - 1.0),
+                             "activity_error_pct": 0.0, "median_voxel_error_pct_vs_true": float("nan"),
+                             "warning": "", "seconds": 0.0, "condition": float("nan")})
+        for registration, images in registrations.items():
+            for pvc_method in PVC_METHODS if registration != TRUE_ACTIVITY else ("none",):
+                run("calibrated FWHM", images, registration, pvc_method, base, seg_g, integration)
+            log(f"{dataset}: {registration} done ({integration} integration)")
     if sensitivity and "ideal" in registrations:
         images = registrations["ideal"]
         for delta in (-2.0, 2.0):
@@ -218,10 +240,13 @@ def headline_pvc(rows: list) -> str:
                   "| registration | correction | " + " | ".join(
                       f"{c} ({len({(r['patient'], r['voi']) for r in mine if r['class'] == c})})" for c in present) + " |",
                   "|---|---|" + "---:|" * len(present)]
-        floor = [r for r in mine if r["pvc"] == FLOORS[0]]
-        lines.append("| true activity | none | " + " | ".join(
-            f"{np.nanmean([r['activity_error_pct'] for r in floor if r['class'] == c]):+.1f} / "
-            f"{np.mean([abs(r['error_pct']) for r in floor if r['class'] == c]):.1f}" for c in present) + " |")
+        for label, floor_name in (("true VOI totals | time integration alone", FLOORS[2]),
+                                  ("true activity | none", FLOORS[0])):
+            floor = [r for r in mine if r["pvc"] == floor_name]
+            if floor:
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{np.nanmean([r['activity_error_pct'] for r in floor if r['class'] == c]):+.1f} / "
+                    f"{np.mean([abs(r['error_pct']) for r in floor if r['class'] == c]):.1f}" for c in present) + " |")
         for g in registrations:
             for m in PVC_METHODS:
                 sel = [r for r in mine if r["registration"] == g and r["pvc"] == m]
@@ -246,17 +271,53 @@ def headline_pvc(rows: list) -> str:
     return "\n".join(lines)
 
 
+def compare_integrations(rows: list) -> str:
+    """Markdown, when rows hold more than one time integration: per protocol, registration and correction
+    (calibrated FWHM), the mean |VOI TIA error| over every VOI for each integration and, against the first,
+    how many VOIs each other one makes better / worse."""
+    integrations = list(dict.fromkeys(r["integration"] for r in rows))
+    if len(integrations) < 2:
+        return ""
+    first, others = integrations[0], integrations[1:]
+    lines = ["| protocol | registration | correction | " + " | ".join(f"{i} (%)" for i in integrations) + " | " +
+             " | ".join(f"{first} better / worse than {o}" for o in others) + " |",
+             "|---|---|---|" + "---:|" * (len(integrations) + len(others))]
+    mine = [r for r in rows if r["case"] == "calibrated FWHM"]
+    keys = list(dict.fromkeys((r["dataset"].split(", ", 1)[-1], r["registration"], r["pvc"]) for r in mine))
+    for protocol, registration, pvc in keys:
+        errors = {i: {(r["patient"], r["dataset"], r["voi"]): abs(r["error_pct"]) for r in mine
+                      if r["integration"] == i and r["registration"] == registration and r["pvc"] == pvc
+                      and r["dataset"].endswith(protocol)} for i in integrations}
+        cells = [f"{np.mean(list(errors[i].values())):.1f}" if errors[i] else "-" for i in integrations]
+        for o in others:
+            common = errors[first].keys() & errors[o].keys()
+            cells.append(f"{sum(errors[first][k] < errors[o][k] for k in common)} / "
+                         f"{sum(errors[first][k] > errors[o][k] for k in common)}")
+        lines.append(f"| {protocol} | {registration} | {pvc} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def pvc_report(rows: list, cal, cal_path, header: str, seconds: float) -> str:
-    """The whole pvc_report.md."""
-    return "\n".join(["# CoRX partial-volume correction against the truth", "", header + "; resolution from the "
-                      f"phantom calibration `{Path(cal_path).name}`: {cal.resolution.describe()}; recovery curve "
-                      f"{cal.recovery.to_dict() if cal.recovery else '-'}.", "",
-                      "VOI activity error = corrected (or uncorrected) VOI total / true VOI total - 1, mean over the "
-                      "time points. VOI TIA error = corrected (or uncorrected voxel-TIA sum) / true VOI TIA - 1; rc and "
-                      "gtm: best-AICc fit of the corrected VOI totals; rbv: voxel-TIA sum of the corrected map. The "
-                      "true-activity rows are the floor no correction can go below (time sampling, fit, segmentation "
-                      "on the SPECT grid).", "", "## Headline", "", headline_pvc(rows), "## Every case", "",
-                      summarise_pvc(rows), f"Wall time {seconds:.0f} s.", ""])
+    """The whole pvc_report.md: the headline per time integration, every case for the first."""
+    from TIAMappingLib.voxel_tia import INTEGRATIONS
+    integrations = list(dict.fromkeys(r["integration"] for r in rows))
+    lines = ["# CoRX partial-volume correction against the truth", "", header + "; resolution from the "
+             f"phantom calibration `{Path(cal_path).name}`: {cal.resolution.describe()}; recovery curve "
+             f"{cal.recovery.to_dict() if cal.recovery else '-'}.", "",
+             "VOI activity error = corrected (or uncorrected) VOI total / true VOI total - 1, mean over the "
+             "time points. VOI TIA error = corrected (or uncorrected voxel-TIA sum) / true VOI TIA - 1; rc and "
+             "gtm: the corrected VOI totals integrated in time; rbv: voxel-TIA sum of the corrected map. The "
+             "true-activity rows are the floor no correction can go below (time sampling, time integration, "
+             "segmentation on the SPECT grid).", "", "## Headline", ""]
+    if len(integrations) > 1:
+        lines += ["**Time integrations compared**: mean \\|VOI TIA error\\| over every VOI, %", "",
+                  compare_integrations(rows)]
+    for integration in integrations:
+        lines += [f"### Time integration: {integration} ({INTEGRATIONS[integration]})", "",
+                  headline_pvc([r for r in rows if r["integration"] == integration])]
+    lines += [f"## Every case (time integration: {integrations[0]})", "",
+              summarise_pvc([r for r in rows if r["integration"] == integrations[0]]), f"Wall time {seconds:.0f} s.", ""]
+    return "\n".join(lines)
 
 
 def summarise_pvc(rows: list) -> str:
@@ -299,8 +360,10 @@ def summarise_pvc(rows: list) -> str:
 
 def run_pvc_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True, protocols=None,
                        imaging: str = "gaussian", scanner_cache=None, calibration=None, registrations=("ideal", "corx"),
-                       model: str = "bundled", preset: str = "clinical", sensitivity: bool = True, log=print) -> dict:
+                       model: str = "bundled", preset: str = "clinical", sensitivity: bool = True,
+                       integrations=("washout",), log=print) -> dict:
     """The whole PVC comparison; writes pvc_report.md, pvc.csv and pvc_report.json into ``out_dir``.
+    ``integrations``: the time integrations compared (the first also in the sensitivity cases).
     ``calibration``: a file from corx calibrate-pvc; None: the IEC phantom imaged like the patients
     (``imaging``) and calibrated here."""
     from TIAMappingLib.pvc import read_calibration
@@ -332,7 +395,7 @@ def run_pvc_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True
                 runner.forget()
             images = {TRUE_ACTIVITY: series.truth_activity,
                       **{r: aligned_series(series, r, runner, cfg) for r in registrations}}
-            rows += evaluate_pvc_series(series, cal, images, name, log, sensitivity)
+            rows += evaluate_pvc_series(series, cal, images, name, log, sensitivity, tuple(integrations))
     header = f"Seeds {list(seeds)}{' + patient15' if patient15 else ''}; SPECT imaging {imaging}; preset {preset}"
     report = pvc_report(rows, cal, cal_path, header, time.perf_counter() - t0)
     write_text(out / "pvc_report.md", report)

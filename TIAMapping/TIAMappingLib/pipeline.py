@@ -23,7 +23,8 @@ from .kernel_dose import kernel_dose
 from .nuclides import LU177, Nuclide
 from .pvc import PVCError, PVCResult, PVCSettings, correct_series, make_regions
 from .voi import time_labels, voi_curve_fits, voi_table
-from .voxel_tia import MODEL_CODES, TIAInputError, check_activity_series, check_times, compute_voxel_tia
+from .voxel_tia import (DEFAULT_INTEGRATION, INTEGRATIONS, MODEL_CODES, TIAInputError, check_activity_series,
+                        check_integration, check_times, compute_voxel_tia)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TIAOutputs:
     tia_pvc: np.ndarray | None = None      # rbv: voxel TIA of the corrected SPECT (Bq h/mL)
     dose_pvc: np.ndarray | None = None     # rbv with CT: its dose (Gy)
     dose_kernel: np.ndarray | None = None  # with CT: dose-voxel-kernel convolution (Gy)
+    integration: str = DEFAULT_INTEGRATION  # how the curves were integrated (voxel_tia.INTEGRATIONS)
 
 
 def fraction_outside(mask: np.ndarray, mask_geometry: Geometry, target: Geometry) -> float:
@@ -81,14 +83,15 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
                         ct_hu=None, ct_geometry=None, nuclide: Nuclide = LU177,
                         population_half_life_h=None, progress=None, cancel=None, allow=(),
                         labels=None, ct_label: str = "CT", segmentation_label: str = "segmentation",
-                        pvc: PVCSettings | None = None) -> TIAOutputs:
+                        pvc: PVCSettings | None = None, integration: str = DEFAULT_INTEGRATION) -> TIAOutputs:
     """Everything ``corx tia`` writes, as arrays on the SPECT grid.
 
     Inputs pass the validation layer first (:mod:`CoRXRegistrationLib.validate`: SPECT in Bq/mL, CT in
     HU, times, segment coverage; ``allow``: checks turned into warnings, kept in ``messages``;
     ``labels``, ``ct_label``, ``segmentation_label``: how to name each SPECT, the CT and the segmentation
     in messages). ``pvc``: partial-volume correction of the VOI values (and, with ``rbv``, of the maps:
-    :mod:`.pvc`); it needs the segmentation. ``progress(fraction, text)`` is told each step;
+    :mod:`.pvc`); it needs the segmentation. ``integration``: how voxel and VOI curves are integrated in
+    time, "washout" or "eq6" (:mod:`.voxel_tia`). ``progress(fraction, text)`` is told each step;
     ``cancel() -> bool`` is asked between steps and stops the work with
     :class:`CoRXRegistrationLib.progress.Cancelled`. Needs no torch."""
     def report(fraction, text):
@@ -98,6 +101,7 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
 
     messages = []
     times = check_times(times_h)
+    check_integration(integration)
     labels = labels or [f"SPECT at {t:g} h" for t in times]
     check_hours(times, "times", nuclide.half_life_h, allow, messages)
     for a, label in zip(activities, labels):
@@ -109,7 +113,8 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
         raise PVCError(f"partial-volume correction ({pvc.method}) needs a segmentation of the VOIs")
     resolutions = pvc.resolutions(len(times)) if correcting else None
     report(0.0, "voxel time-activity fits")
-    result = compute_voxel_tia(activities, times_h, nuclide, population_half_life_h=population_half_life_h)
+    result = compute_voxel_tia(activities, times_h, nuclide, population_half_life_h=population_half_life_h,
+                               integration=integration)
     if result.negative_voxels_clipped:
         messages.append(f"{result.negative_voxels_clipped} slightly negative voxel values (within the tolerance of "
                         "the spect-units check) were set to 0")
@@ -129,7 +134,8 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
         masks, outside = segments_on_grid(segments, seg_geometry or geometry, geometry, messages, allow,
                                           segmentation_label)
         stack = check_activity_series(activities, times_h)[0]
-        rows = voi_table(masks, stack, list(result.times_h), geometry.voxel_volume_ml, result.tia, dose, nuclide)
+        rows = voi_table(masks, stack, list(result.times_h), geometry.voxel_volume_ml, result.tia, dose, nuclide,
+                         integration)
         for row in rows:
             row["outside_fov_percent"] = round(100.0 * outside[row["segment"]], 3)
             m = masks[row["segment"]]
@@ -142,10 +148,11 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
             corrected = correct_series(list(stack), geometry, regions, pvc.method, resolutions, pvc.recovery)
             if corrected.corrected_images is not None:
                 tia_pvc = compute_voxel_tia(corrected.corrected_images, times_h, nuclide,
-                                            population_half_life_h=population_half_life_h).tia
+                                            population_half_life_h=population_half_life_h,
+                                            integration=integration).tia
                 if density is not None:
                     dose_pvc = local_deposition_dose(tia_pvc, density, nuclide)[0]
-            add_pvc_columns(rows, corrected, list(result.times_h), tia_pvc, dose_pvc, nuclide)
+            add_pvc_columns(rows, corrected, list(result.times_h), tia_pvc, dose_pvc, nuclide, integration)
             messages += [f"segment '{name}': {w}" for name, ws in corrected.warnings.items() for w in ws]
         if dose is not None:
             maps = {"local": dose, "kernel": dose_k, "local_pvc": dose_pvc}
@@ -157,17 +164,18 @@ def compute_tia_outputs(activities, times_h, geometry: Geometry, segments=None, 
     if progress is not None:
         progress(1.0, "done")
     return TIAOutputs(geometry, result.tia, result.fit_rmse, result.fit_r2, result.model, dose, rows, dvh, messages,
-                      corrected, tia_pvc, dose_pvc, dose_k)
+                      corrected, tia_pvc, dose_pvc, dose_k, integration)
 
 
-def add_pvc_columns(rows: list, corrected: PVCResult, times_h, tia_pvc=None, dose_pvc=None, nuclide=LU177) -> None:
+def add_pvc_columns(rows: list, corrected: PVCResult, times_h, tia_pvc=None, dose_pvc=None, nuclide=LU177,
+                    integration: str = DEFAULT_INTEGRATION) -> None:
     """Add the corrected values to the VOI rows: per time point the corrected total (MBq), the corrected VOI TIA
-    (``pvc_tia_mbq_h``: rc/gtm the best-AICc fit of the corrected totals, rbv the voxel-TIA sum of the corrected
+    (``pvc_tia_mbq_h``: rc/gtm the corrected totals integrated by ``integration``, rbv the voxel-TIA sum of the corrected
     map), the factor against the uncorrected voxel-TIA sum, the recovery, the noise gain and the warnings."""
     regions = corrected.regions
     index = {name: s for s, name in enumerate(regions.segments)}
     tags = time_labels(times_h)
-    fits = voi_curve_fits(times_h, corrected.segment_totals_mbq.T, nuclide)
+    fits = voi_curve_fits(times_h, corrected.segment_totals_mbq.T, nuclide, integration)
     volumes = regions.segment_volume_ml()
     for row in rows:
         s = index.get(row["segment"])
@@ -185,7 +193,7 @@ def add_pvc_columns(rows: list, corrected: PVCResult, times_h, tia_pvc=None, dos
                 inside = fraction >= 0.5
                 row.update({f"{k}_pvc": v for k, v in dose_statistics(dose_pvc[inside]).items()})
         else:
-            row["pvc_tia_mbq_h"] = fits[s].get("best_tia_mbq_h", float("nan"))
+            row["pvc_tia_mbq_h"] = fits[s].get("organ_tia_mbq_h", float("nan"))
         uncorrected = row.get("voxel_tia_sum_mbq_h", float("nan"))
         row["pvc_factor"] = row["pvc_tia_mbq_h"] / uncorrected if uncorrected else float("nan")
         row["pvc_recovery"] = float(np.nanmean(corrected.segment_recovery[:, s]))
@@ -203,7 +211,8 @@ TIA_OUTPUTS = ("tia.nii.gz", "fit_rmse.nii.gz", "fit_r2.nii.gz", "fit_model.nii.
 
 
 def run_tia_files(spect_paths, times_h, out_dir, segmentation=None, ct=None, population_half_life_h=None,
-                  overwrite: bool = False, allow=(), pvc: PVCSettings | None = None) -> TIAOutputs:
+                  overwrite: bool = False, allow=(), pvc: PVCSettings | None = None,
+                  integration: str = DEFAULT_INTEGRATION) -> TIAOutputs:
     """Read files, compute, write ``tia.nii.gz``, ``fit_rmse.nii.gz``, ``fit_model.nii.gz``,
     ``fit_r2.nii.gz``, ``dose.nii.gz`` (with CT), ``voi.csv`` and ``dvh.csv`` (with segmentation),
     ``tia_summary.json``. The output set is checked before anything is read (no input is ever an
@@ -231,7 +240,8 @@ def run_tia_files(spect_paths, times_h, out_dir, segmentation=None, ct=None, pop
     result = compute_tia_outputs(activities, times, geometry, segments, seg_geometry, ct_hu, ct_geometry,
                                  population_half_life_h=population_half_life_h, allow=allow,
                                  labels=[f"{p} ({t:g} h)" for p, t in zip(spect_paths, times)],
-                                 ct_label=f"CT {ct}", segmentation_label=str(segmentation), pvc=pvc)
+                                 ct_label=f"CT {ct}", segmentation_label=str(segmentation), pvc=pvc,
+                                 integration=integration)
     write_tia_outputs(result, outputs, list(times), [str(p) for p in spect_paths])
     return result
 
@@ -290,6 +300,7 @@ def write_tia_outputs(outputs: TIAOutputs, out, times_h, sources, overwrite=Fals
                                         "data), scaled by 1/density; other grids resampled to the kernel's and back"},
         "nuclide": LU177.name, "half_life_h": LU177.half_life_h, "nuclear_data": LU177.source,
         "times_h": times_h, "inputs": sources, "fit_model_codes": MODEL_CODES,
+        "time_integration": {"method": outputs.integration, "description": INTEGRATIONS[outputs.integration]},
         "partial_volume_correction": pvc_record(outputs.pvc, times_h),
         "messages": outputs.messages}, indent=2))
     return out.folder

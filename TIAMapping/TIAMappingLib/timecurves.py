@@ -188,13 +188,18 @@ def information_criterion(rss, n: int, k: int, corrected: bool = True):
     return aic + 2.0 * k * (k + 1) / (n - k - 1)
 
 
-def trapezoid_with_physical_tail(t, y, lam_phys: float, time_major: bool = False) -> np.ndarray:
-    """Eq. 6, second case: trapezoids from (0, 0) through the measured points plus y_n / l_phys."""
+def trapezoid_from_zero(t, y, time_major: bool = False) -> np.ndarray:
+    """Trapezoids from (0, 0) through the measured points to the last one (unit of y times h)."""
     t = [0.0] + [float(v) for v in np.asarray(t, float)]
     yt = np.asarray(y, float) if time_major else np.asarray(y, float).T
     rows = [np.zeros(yt.shape[1])] + list(yt)
-    area = sum(0.5 * (rows[i + 1] + rows[i]) * (t[i + 1] - t[i]) for i in range(len(t) - 1))
-    return area + rows[-1] / lam_phys
+    return sum(0.5 * (rows[i + 1] + rows[i]) * (t[i + 1] - t[i]) for i in range(len(t) - 1))
+
+
+def trapezoid_with_physical_tail(t, y, lam_phys: float, time_major: bool = False) -> np.ndarray:
+    """Eq. 6, second case: trapezoids from (0, 0) through the measured points plus y_n / l_phys."""
+    yt = np.asarray(y, float) if time_major else np.asarray(y, float).T
+    return trapezoid_from_zero(t, yt, time_major=True) + yt[-1] / lam_phys
 
 
 def single_time_point_tia(a, t_h: float, effective_half_life_h: float | None = None, method: str = "mono"):

@@ -1,9 +1,10 @@
 """Volume-of-interest (VOI) results: activity per time point, organ-based TIA, dose statistics.
 
-The organ-based TIA of the paper: the VOI's total activity per time point (MBq) is fitted
-with Eq. 6 (mono-exponential, or trapezoid + physical tail). Multi-exponential models
-(bi-exponential with uptake, tri-exponential) are fitted too and the best is chosen by AICc
-among the models for which AICc is defined (n >= k + 2 time points).
+The organ-based TIA: the VOI's total activity per time point (MBq) is integrated as the voxels are
+(:func:`.voxel_tia.integrate_curves`): by the paper's Eq. 6 over every point (``eq6_*``) and over the
+washout phase (``washout_*``); ``organ_tia_mbq_h`` is the one of the chosen ``integration``.
+Multi-exponential models (bi-exponential with uptake, tri-exponential) are fitted too and the best is
+chosen by AICc among the models for which AICc is defined (n >= k + 2 time points).
 """
 from __future__ import annotations
 
@@ -11,26 +12,32 @@ import numpy as np
 
 from .dose import dose_statistics
 from .nuclides import LU177, Nuclide
-from .timecurves import MODELS, fit_model, information_criterion, trapezoid_with_physical_tail
+from .timecurves import MODELS, fit_model, information_criterion
+from .voxel_tia import DEFAULT_INTEGRATION, MODEL_CODES, check_integration, integrate_curves
 
 
-def voi_curve_fits(times_h, totals_mbq: np.ndarray, nuclide: Nuclide = LU177) -> list:
+def voi_curve_fits(times_h, totals_mbq: np.ndarray, nuclide: Nuclide = LU177,
+                   integration: str = DEFAULT_INTEGRATION) -> list:
     """Fit every VOI curve (rows of ``totals_mbq``, MBq). Returns one dict per VOI (MBq h)."""
+    check_integration(integration)
     t = np.asarray(times_h, float)
     y = np.atleast_2d(np.asarray(totals_mbq, float))
     n = len(t)
     lam_phys = nuclide.decay_constant_per_h
     out = [dict() for _ in range(len(y))]
     if n >= 2:
-        p, _ = fit_model("mono", t, y)
-        trap = trapezoid_with_physical_tail(t, y, lam_phys)
-        for i, row in enumerate(out):
-            ok = np.all(np.isfinite(p[i])) and p[i, 0] > 0
-            use_mono = bool(ok and p[i, 1] > lam_phys)
-            row["eq6_model"] = "mono-exponential" if use_mono else "trapezoid + physical tail"
-            row["eq6_tia_mbq_h"] = float(p[i, 0] / p[i, 1]) if use_mono else float(trap[i])
-            row["mono_a0_mbq"] = float(p[i, 0])
-            row["mono_t_eff_h"] = float(np.log(2) / p[i, 1]) if ok and p[i, 1] > 0 else float("nan")
+        for name in ("eq6", "washout"):
+            fit = integrate_curves(t, y.T, lam_phys, name, iterations=30, dtype=np.float64)
+            for i, row in enumerate(out):
+                row[f"{name}_model"] = MODEL_CODES[int(fit["model"][i])]
+                row[f"{name}_tia_mbq_h"] = float(fit["tia"][i])
+                if name == "eq6":
+                    lam = float(fit["lambda_eff"][i])
+                    row["mono_a0_mbq"] = float(fit["a0"][i])
+                    row["mono_t_eff_h"] = float(np.log(2) / lam) if lam > 0 else float("nan")
+        for row in out:
+            row["time_integration"] = integration
+            row["organ_tia_mbq_h"] = row[f"{integration}_tia_mbq_h"]
         scores = {}
         for name, model in MODELS.items():
             if n < model.n_params + 1:
@@ -46,8 +53,8 @@ def voi_curve_fits(times_h, totals_mbq: np.ndarray, nuclide: Nuclide = LU177) ->
         for i, row in enumerate(out):
             cands = {k: v[i] for k, v in scores.items() if np.isfinite(v[i])}
             best = min(cands, key=cands.get) if cands else None
-            row["best_model"] = best or "eq6"
-            row["best_tia_mbq_h"] = row[f"{best}_tia_mbq_h"] if best else row["eq6_tia_mbq_h"]
+            row["best_model"] = best or integration
+            row["best_tia_mbq_h"] = row[f"{best}_tia_mbq_h"] if best else row["organ_tia_mbq_h"]
     return out
 
 
@@ -61,8 +68,9 @@ def time_labels(times_h) -> list:
 
 
 def voi_table(segments: dict, activities, times_h, voxel_volume_ml: float, tia_map=None, dose_map=None,
-              nuclide: Nuclide = LU177) -> list:
-    """One row per segment: volume, activity per time point, organ-based and voxel TIA, dose.
+              nuclide: Nuclide = LU177, integration: str = DEFAULT_INTEGRATION) -> list:
+    """One row per segment: volume, activity per time point, organ-based TIA (``integration``) and
+    voxel TIA, dose.
 
     segments: name -> boolean mask on the SPECT grid. Empty segments get status 'empty'.
     """
@@ -85,6 +93,6 @@ def voi_table(segments: dict, activities, times_h, voxel_volume_ml: float, tia_m
             totals.append([row[f"total_mbq_{tag}"] for tag in tags])
             names.append(len(rows) - 1)
     if totals:
-        for idx, fit in zip(names, voi_curve_fits(times_h, np.array(totals), nuclide)):
+        for idx, fit in zip(names, voi_curve_fits(times_h, np.array(totals), nuclide, integration)):
             rows[idx].update(fit)
     return rows

@@ -87,12 +87,14 @@ def patient_outputs(manifest, out: Path):
     return OutputSet(out, names, inputs=manifest.input_files())
 
 
-def process_patient(manifest, out, model: str, device: str, log, allow=(), pvc=None) -> dict:
+def process_patient(manifest, out, model: str, device: str, log, allow=(), pvc=None, integration: str | None = None) -> dict:
     """Register, map and write one patient into ``out`` (an output set from :func:`patient_outputs`,
-    already prepared); ``pvc``: :class:`TIAMappingLib.pvc.PVCSettings` (None: uncorrected)."""
+    already prepared); ``pvc``: :class:`TIAMappingLib.pvc.PVCSettings` (None: uncorrected); ``integration``: the
+    time integration (``TIAMappingLib.voxel_tia.INTEGRATIONS``; None: its default)."""
     import CoRXRegistration as reg
     import TIAMapping as tia
     from TIAMappingLib.voi import time_labels
+    from TIAMappingLib.voxel_tia import DEFAULT_INTEGRATION
 
     t0 = time.perf_counter()
     logic = reg.CoRXRegistrationLogic()
@@ -127,7 +129,8 @@ def process_patient(manifest, out, model: str, device: str, log, allow=(), pvc=N
         log.info("  partial-volume correction %s, %s", pvc.method,
                  "; ".join(r.describe() for r in pvc.resolutions(len(manifest.hours))))
     maps = tia.TIAMappingLogic().computeTIA(registered["registeredSPECT"], manifest.hours, voiNode=labelmap,
-                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref], allow=allow, pvc=pvc)
+                                            segmentNames=names, ctVolumeNode=loaded["ct"][ref], allow=allow, pvc=pvc,
+                                            integration=integration or DEFAULT_INTEGRATION)
     for key in ("tia", "fit_rmse", "fit_model", "dose", "dose_kernel", "tia_pvc", "dose_pvc"):
         if key in maps:
             written.append(reg.saveNode(maps[key], out.path(f"{key}.nrrd")))
@@ -216,7 +219,7 @@ def run(args) -> int:
             pvc = PVCSettings.for_series(args.pvc, args.psf_fwhm_mm, args.pvc_calibration, manifest,
                                          len(manifest.hours))
             out = patient_outputs(manifest, output / manifest.patient_id).prepare(args.overwrite)
-            process_patient(manifest, out, args.model, args.device, log, allow, pvc)
+            process_patient(manifest, out, args.model, args.device, log, allow, pvc, args.time_integration)
         except Exception as exc:
             log.error("%s failed: %s", manifest.patient_id, exc)
             log.debug(traceback.format_exc())
@@ -248,6 +251,10 @@ def main(argv=None) -> int:
                         help="SPECT resolution for --pvc: one FWHM or three (x y z); default: the manifest's "
                              "psf_fwhm_mm, else --pvc-calibration's")
     parser.add_argument("--pvc-calibration", help="a phantom calibration from corx calibrate-pvc")
+    from TIAMappingLib.voxel_tia import DEFAULT_INTEGRATION, INTEGRATIONS
+    parser.add_argument("--time-integration", choices=list(INTEGRATIONS), default=DEFAULT_INTEGRATION,
+                        help="how each voxel and VOI curve is integrated in time: " +
+                             "; ".join(f"{k}: {v}" for k, v in INTEGRATIONS.items()))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:                     # argparse has printed the reason
