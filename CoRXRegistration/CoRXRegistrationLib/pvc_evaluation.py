@@ -119,11 +119,24 @@ def _half_counts(images: list, series, grid) -> list:
             for a in images]
 
 
+def half_counts_series(series, scanner_cache=None):
+    """Scanner mode: the same patient, motion and truth imaged with half the acquisition time per view (half
+    the counts; new Poisson draws, each reconstructed again: minutes per time point, kept in ``scanner_cache``)."""
+    from dataclasses import replace
+
+    from .simulation import simulate_series
+    cfg = series.config
+    scanner = {**(cfg.scanner or {}), "seconds_per_view": cfg.scanner_config().seconds_per_view / 2.0}
+    return simulate_series(replace(cfg, scanner=scanner, scanner_truth_recon=False), scanner_cache=scanner_cache)
+
+
 def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, log=print,
-                        sensitivity: bool = True, integrations=("washout",)) -> list:
+                        sensitivity: bool = True, integrations=("washout",), half_counts=None) -> list:
     """Rows (dataset, registration, case, pvc, time integration, voi, class, true/uncorrected/corrected TIA,
     errors); every integration of ``integrations`` (:data:`TIAMappingLib.voxel_tia.INTEGRATIONS`) at the
-    calibrated FWHM, the sensitivity cases with the first."""
+    calibrated FWHM, the sensitivity cases with the first. ``half_counts``: the SPECT of every time point
+    with half the counts, on the reference grid through the true motion (scanner mode,
+    :func:`half_counts_series`); Gaussian mode makes its own (:func:`_half_counts`)."""
     from TIAMappingLib.pipeline import compute_tia_outputs
     from TIAMappingLib.pvc import PVCSettings, Resolution
 
@@ -215,8 +228,8 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
                 run(f"FWHM {delta:+g} mm", images, "ideal", pvc_method, res, seg_g)
         for pvc_method in PVC_METHODS:
             run("segmentation shifted 1 voxel", images, "ideal", pvc_method, base, _shifted(seg_g, ref_g))
-        if series.config.imaging == "gaussian":
-            noisy = _half_counts(images, series, ref_g)
+        noisy = _half_counts(images, series, ref_g) if series.config.imaging == "gaussian" else half_counts
+        if noisy is not None:
             for pvc_method in PVC_METHODS:
                 run("half the counts", noisy, "ideal", pvc_method, base, seg_g)
         log(f"{dataset}: sensitivity done")
@@ -395,7 +408,11 @@ def run_pvc_evaluation(out_dir, seeds=(5000, 5001, 5002), patient15: bool = True
                 runner.forget()
             images = {TRUE_ACTIVITY: series.truth_activity,
                       **{r: aligned_series(series, r, runner, cfg) for r in registrations}}
-            rows += evaluate_pvc_series(series, cal, images, name, log, sensitivity, tuple(integrations))
+            half = None
+            if sensitivity and imaging == "scanner" and "ideal" in registrations:
+                log(f"{name}: imaging again with half the counts (minutes per time point the first time)")
+                half = aligned_series(half_counts_series(series, scanner_cache), "ideal")
+            rows += evaluate_pvc_series(series, cal, images, name, log, sensitivity, tuple(integrations), half)
     header = f"Seeds {list(seeds)}{' + patient15' if patient15 else ''}; SPECT imaging {imaging}; preset {preset}"
     report = pvc_report(rows, cal, cal_path, header, time.perf_counter() - t0)
     write_text(out / "pvc_report.md", report)
