@@ -22,7 +22,8 @@ class TIAMapping(ScriptedLoadableModule):
         self.parent.dependencies = ["CoRXRegistration"]
         self.parent.contributors = ["CoRX developers"]
         self.parent.helpText = ("Fits every voxel's time-activity curve of registered SPECT time points (Bq/mL) into a "
-                                "time-integrated activity map (Bq h/mL, the paper's Eq. 6), with fit RMSE, model map, "
+                                "time-integrated activity map (Bq h/mL: the paper's Eq. 6 over each curve's washout phase, "
+                                "or over every point), with fit RMSE, model map, "
                                 "absorbed dose (Gy, local deposition and 177Lu dose-voxel kernel) and per-segment "
                                 "tables, optionally corrected for partial volume (recovery coefficients, geometric "
                                 "transfer matrix, region-based voxel-wise) with a phantom-calibrated resolution.")
