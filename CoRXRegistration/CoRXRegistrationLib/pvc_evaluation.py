@@ -153,6 +153,18 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
     tags = time_labels(series.config.times_h)
     rows = []
 
+    def record(registration, case, pvc, integration, name, value, activity=(), voxel_error=float("nan"),
+               warning="", seconds=0.0, condition=float("nan")):
+        true = truth[name]["tia_mbq_h"]
+        rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
+                     "registration": registration, "case": case, "pvc": pvc, "integration": integration,
+                     "voi": name, "class": voi_class(name, diameters.get(name, 0.0)),
+                     "diameter_mm": round(diameters.get(name, float("nan")), 1), "true_tia_mbq_h": true,
+                     "tia_mbq_h": value, "error_pct": 100.0 * (value / true - 1.0),
+                     "activity_error_pct": float(np.mean(activity)) if len(activity) else float("nan"),
+                     "median_voxel_error_pct_vs_true": voxel_error, "warning": warning, "seconds": seconds,
+                     "condition": condition})
+
     def run(case, aligned, registration, pvc_method, resolution, segs_g, integration=integrations[0]):
         settings = PVCSettings(pvc_method, resolution if pvc_method != "none" else None,
                                calibration.recovery if pvc_method == "rc" else None)
@@ -163,59 +175,29 @@ def evaluate_pvc_series(series, calibration, registrations: dict, dataset: str, 
         tia_map = out.tia_pvc if out.tia_pvc is not None else out.tia
         for row in out.voi_rows:
             name = row["segment"]
-            if name not in truth or row["status"] != "ok":
-                continue
-            cls = voi_class(name, diameters.get(name, 0.0))
-            if cls is None:
+            if name not in truth or row["status"] != "ok" or voi_class(name, diameters.get(name, 0.0)) is None:
                 continue
             value = row["voxel_tia_sum_mbq_h"] if pvc_method == "none" else row["pvc_tia_mbq_h"]
-            true = truth[name]["tia_mbq_h"]
             key = "total_mbq_" if pvc_method == "none" else "pvc_total_mbq_"
             activity = [100.0 * (row[key + tag] / t - 1.0) for tag, t in zip(tags, true_totals.get(name, [])) if t > 0]
             mask = on_spect[name]
             with np.errstate(divide="ignore", invalid="ignore"):
                 vox = np.abs(tia_map[mask] / series.truth_tia[mask] - 1.0)
             if registration == TRUE_ACTIVITY:      # the floors: both ways of integrating, on the true activity
-                fit = row.get("organ_tia_mbq_h", float("nan"))
-                rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
-                             "registration": registration, "case": case, "pvc": FLOORS[1],
-                             "integration": integration, "voi": name,
-                             "class": cls, "diameter_mm": round(diameters.get(name, float("nan")), 1),
-                             "true_tia_mbq_h": true, "tia_mbq_h": fit, "error_pct": 100.0 * (fit / true - 1.0),
-                             "activity_error_pct": float(np.mean(activity)) if activity else float("nan"),
-                             "median_voxel_error_pct_vs_true": float("nan"),
-                             "warning": "", "seconds": seconds, "condition": float("nan")})
-                pvc_label = FLOORS[0]
-            else:
-                pvc_label = pvc_method
-            rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
-                         "registration": registration, "case": case, "pvc": pvc_label, "integration": integration,
-                         "voi": name, "class": cls,
-                         "diameter_mm": round(diameters.get(name, float("nan")), 1),
-                         "true_tia_mbq_h": true, "tia_mbq_h": value,
-                         "error_pct": 100.0 * (value / true - 1.0),
-                         "activity_error_pct": float(np.mean(activity)) if activity else float("nan"),
-                         "median_voxel_error_pct_vs_true": float(np.nanmedian(vox) * 100.0)
-                         if pvc_method in ("none", "rbv") else float("nan"),
-                         "warning": row.get("pvc_warning", ""), "seconds": seconds,
-                         "condition": out.pvc.condition if out.pvc is not None else float("nan")})
+                record(registration, case, FLOORS[1], integration, name, row.get("organ_tia_mbq_h", float("nan")),
+                       activity, seconds=seconds)
+            record(registration, case, FLOORS[0] if registration == TRUE_ACTIVITY else pvc_method, integration, name,
+                   value, activity, float(np.nanmedian(vox) * 100.0) if pvc_method in ("none", "rbv") else float("nan"),
+                   row.get("pvc_warning", ""), seconds, out.pvc.condition if out.pvc is not None else float("nan"))
 
     base = calibration.resolution
     names = [n for n in true_totals if n in truth and voi_class(n, diameters.get(n, 0.0)) is not None]
     for integration in integrations:
-        if TRUE_ACTIVITY in registrations and names:
+        if TRUE_ACTIVITY in registrations and names:       # the time integration alone, on the whole VOIs
             fits = voi_curve_fits(series.config.times_h, np.array([true_totals[n] for n in names]),
                                   integration=integration)
             for name, fit in zip(names, fits):
-                true = truth[name]["tia_mbq_h"]
-                rows.append({"dataset": dataset, "patient": f"{series.config.anatomy}-{series.config.seed}",
-                             "registration": TRUE_ACTIVITY, "case": "calibrated FWHM", "pvc": FLOORS[2],
-                             "integration": integration, "voi": name,
-                             "class": voi_class(name, diameters.get(name, 0.0)),
-                             "diameter_mm": round(diameters.get(name, float("nan")), 1), "true_tia_mbq_h": true,
-                             "tia_mbq_h": fit["organ_tia_mbq_h"], "error_pct": 100.0 * (fit["organ_tia_mbq_h"] / true - 1.0),
-                             "activity_error_pct": 0.0, "median_voxel_error_pct_vs_true": float("nan"),
-                             "warning": "", "seconds": 0.0, "condition": float("nan")})
+                record(TRUE_ACTIVITY, "calibrated FWHM", FLOORS[2], integration, name, fit["organ_tia_mbq_h"], [0.0])
         for registration, images in registrations.items():
             for pvc_method in PVC_METHODS if registration != TRUE_ACTIVITY else ("none",):
                 run("calibrated FWHM", images, registration, pvc_method, base, seg_g, integration)
