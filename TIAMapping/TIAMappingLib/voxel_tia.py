@@ -134,9 +134,9 @@ def integrate_curves(t, y, lam_phys: float, integration: str = DEFAULT_INTEGRATI
     n, count = y.shape
     out = {"tia": np.zeros(count, dtype), "model": np.zeros(count, np.uint8), "a0": np.zeros(count, dtype),
            "lambda_eff": np.zeros(count, dtype), "rmse": np.zeros(count, dtype), "r2": np.zeros(count, dtype)}
-    peak = np.zeros(count, np.intp) if integration == "eq6" else np.argmax(y, axis=0)
-    for k in range(n):
-        sel = np.flatnonzero(peak == k) if k or integration != "eq6" else slice(None)
+    peak = None if integration == "eq6" else np.argmax(y, axis=0)     # eq6: every curve from its first point
+    for k in range(1 if peak is None else n):
+        sel = slice(None) if peak is None else np.flatnonzero(peak == k)
         ys = y[k:, sel]
         if ys.shape[1] == 0:
             continue
