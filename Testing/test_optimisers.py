@@ -72,6 +72,27 @@ def test_lbfgs_stops_at_once_at_a_minimum_and_steps_back_from_non_finite_values(
     assert abs(float(x[0]) - 0.4) < 1e-3
 
 
+def test_lbfgs_step_tolerance_ends_the_dithering_at_a_rippled_minimum():
+    """Near the optimum of an image similarity, float noise makes ripples that keep the line search busy;
+    two iterations in a row that move x less than ``tolerance_step`` end the fit at the same minimum."""
+    a = torch.tensor([1.0, 10.0, 3.0, 0.5], dtype=torch.float64)
+    c = torch.tensor([0.7, -0.3, 0.2, 2.0], dtype=torch.float64)
+
+    def rippled(x):                                 # ripples of 1e-6 in the value, 1e-3 in the gradient
+        x = x.double()
+        return ((a * (x - c) ** 2).sum() + 1e-6 * torch.sin(1e3 * x).sum(),
+                2 * a * (x - c) + 1e-3 * torch.cos(1e3 * x))
+    full, _, n_full = lbfgs_minimise(rippled, torch.zeros(4), max_iterations=40)
+    short, _, n_short = lbfgs_minimise(rippled, torch.zeros(4), max_iterations=40, tolerance_step=0.01)
+    assert float((full - c).abs().max()) < 2e-3 and float((short - c).abs().max()) < 2e-3
+    assert n_short < n_full - 3
+    # a tolerance below what the steps reach changes nothing
+    start = torch.tensor([-1.2, 1.0, -0.5, 0.3], dtype=torch.float64)
+    same, _, n_same = lbfgs_minimise(_value_and_gradient, start, max_iterations=200, tolerance_step=1e-6)
+    reference, _, n_reference = lbfgs_minimise(_value_and_gradient, start, max_iterations=200)
+    assert n_same == n_reference and torch.equal(same, reference)
+
+
 def test_closed_form_lncc_gradient_matches_autograd():
     torch.manual_seed(1)
     a = torch.rand(1, 1, 14, 11, 17, dtype=torch.float64)

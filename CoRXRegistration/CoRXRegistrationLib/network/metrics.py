@@ -116,46 +116,35 @@ def _gaussian_kernel(size: int, sigma: float, dtype, device) -> torch.Tensor:
     return k / k.sum()
 
 
-def _separable_blur_scipy(x: torch.Tensor, kernel: torch.Tensor):
-    """The CPU path of :func:`_separable_blur` without gradients: scipy's 1D correlation per axis (edges
-    replicated, as F.pad "replicate"), the volumes of the batch in parallel threads; about 4x faster than
-    conv3d with a 1D kernel on 2 cores. None where scipy is missing."""
-    try:
-        from scipy import ndimage
-    except ImportError:
-        return None
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
-
-    weights = kernel.detach().double().cpu().numpy()
-    volumes = x.detach().reshape((-1,) + tuple(x.shape[2:])).numpy()
-
-    out = np.empty_like(volumes)
-
-    def blur(i):
-        volume = volumes[i]
-        for axis in range(3):
-            volume = ndimage.correlate1d(volume, weights, axis=axis, mode="nearest")
-        out[i] = volume                  # into one preallocated array: no second copy of the whole stack
-    with ThreadPoolExecutor(max(1, min(len(volumes), torch.get_num_threads()))) as pool:
-        list(pool.map(blur, range(len(volumes))))
-    return torch.from_numpy(out).reshape(x.shape)
+def _replicate_band(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix K with (K v)_i = sum_j kernel[j] v[clamp(i + j - r, 0, n - 1)], r = len(kernel) // 2:
+    correlation with a 1D kernel along an axis of length n, edges replicated."""
+    r = kernel.numel() // 2
+    rows = torch.arange(n, device=kernel.device)[:, None]
+    columns = (rows + torch.arange(-r, r + 1, device=kernel.device)[None, :]).clamp(0, n - 1)
+    return torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device).scatter_add(
+        1, columns, kernel.reshape(1, -1).expand(n, -1))
 
 
-def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Correlate (B, C, Z, Y, X) with a 1D ``kernel`` along each axis, edges replicated."""
-    if x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)):
-        out = _separable_blur_scipy(x, kernel)
-        if out is not None:
-            return out.to(x.dtype)
-    n = kernel.numel()
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = n
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = n // 2
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(shape))
-    return x
+def _separable_blur(x: torch.Tensor, kernel: torch.Tensor, volumes_at_once: int = 2) -> torch.Tensor:
+    """Correlate (B, C, Z, Y, X) with a 1D ``kernel`` along each axis, edges replicated: one matrix product
+    per axis with the banded matrix of :func:`_replicate_band` (no transposes; on 2 CPU cores about 1.5x
+    faster than scipy's 1D correlation and 4x faster than conv3d; any device, differentiable). Without
+    gradients ``volumes_at_once`` volumes at a time into one output (the products' intermediates stay small)."""
+    b, c, nz, ny, nx = x.shape
+    kz, ky, kx = (_replicate_band(n, kernel.to(x.dtype)) for n in (nz, ny, nx))
+
+    def along_z_and_y(v: torch.Tensor) -> torch.Tensor:            # (n, Z, Y, X) -> (n * Z * Y, X)
+        v = torch.matmul(kz, v.reshape(v.shape[0], nz, ny * nx))
+        return torch.matmul(ky, v.reshape(-1, ny, nx)).reshape(-1, nx)
+    volumes = x.reshape(b * c, nz, ny, nx)
+    if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
+        return torch.matmul(along_z_and_y(volumes), kx.transpose(0, 1)).reshape(x.shape)
+    out = torch.empty_like(volumes)
+    for i in range(0, b * c, volumes_at_once):
+        torch.matmul(along_z_and_y(volumes[i:i + volumes_at_once]), kx.transpose(0, 1),
+                     out=out[i:i + volumes_at_once].view(-1, nx))
+    return out.reshape(x.shape)
 
 
 def gaussian_blur(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:

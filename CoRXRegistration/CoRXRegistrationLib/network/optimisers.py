@@ -126,11 +126,15 @@ def _strong_wolfe(objective, x, f0, g0, direction, t, c1=1e-4, c2=0.9, tolerance
 
 def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history: int = 100,
                    tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
-                   max_evaluations: int | None = None) -> tuple:
+                   max_evaluations: int | None = None, tolerance_step: float | None = None) -> tuple:
     """Minimise ``function(x) -> (value, gradient)`` over a small vector ``x`` (L-BFGS, Nocedal & Wright
     2006 algorithm 7.4, with the strong-Wolfe line search; the first step is scaled to at most 1 in the
-    L1 norm of the gradient). ``max_evaluations``: default 1.25 x ``max_iterations``. Returns (x at the
-    minimum found, float64 CPU; the value at ``x0``; the number of evaluations)."""
+    L1 norm of the gradient). ``max_evaluations``: default 1.25 x ``max_iterations``. ``tolerance_step``
+    (units of x, largest component; default ``tolerance_change``): a line search stops narrowing its
+    bracket below it, and the minimisation stops after two iterations in a row that moved x less (one
+    short step alone also happens far from the minimum, in a curved valley). Returns (x at the minimum found, float64 CPU; the value at
+    ``x0``; the number of evaluations)."""
+    step_tolerance = tolerance_change if tolerance_step is None else tolerance_step
     x = x0.detach().cpu().double().flatten().clone()
     objective = _Objective(function, max_evaluations or int(max_iterations * 1.25))
     f, g = objective(x)
@@ -139,6 +143,7 @@ def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history
         return x, f_start, objective.evaluations
     s_list, y_list, rho_list = [], [], []
     scaling = 1.0
+    short_steps = 0                              # consecutive iterations that moved x less than step_tolerance
     for k in range(max_iterations):
         q = -g.clone()
         alphas = []
@@ -154,7 +159,7 @@ def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history
         if slope > -tolerance_change:
             break
         t = min(1.0, 1.0 / float(g.abs().sum())) if k == 0 else 1.0
-        f_new, g_new, t = _strong_wolfe(objective, x, f, g, direction, t, tolerance=tolerance_change)
+        f_new, g_new, t = _strong_wolfe(objective, x, f, g, direction, t, tolerance=step_tolerance)
         step = t * direction
         if t == 0.0:
             break
@@ -170,5 +175,8 @@ def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history
         f, g = f_new, g_new
         if (objective.evaluations >= objective.limit or float(g.abs().max()) <= tolerance_grad
                 or float(step.abs().max()) <= tolerance_change or change < tolerance_change):
+            break
+        short_steps = short_steps + 1 if float(step.abs().max()) <= step_tolerance else 0
+        if short_steps == 2:
             break
     return x, f_start, objective.evaluations
