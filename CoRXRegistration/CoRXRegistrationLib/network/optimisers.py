@@ -132,8 +132,8 @@ def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history
     L1 norm of the gradient). ``max_evaluations``: default 1.25 x ``max_iterations``. ``tolerance_step``
     (units of x, largest component; default ``tolerance_change``): a line search stops narrowing its
     bracket below it, and the minimisation stops after two iterations in a row that moved x less (one
-    short step alone also happens far from the minimum, in a curved valley). Returns (x at the minimum found, float64 CPU; the value at
-    ``x0``; the number of evaluations)."""
+    short step alone also happens far from the minimum, in a curved valley). Returns (x at the minimum
+    found, float64 CPU; the value at ``x0``; the number of evaluations)."""
     step_tolerance = tolerance_change if tolerance_step is None else tolerance_step
     x = x0.detach().cpu().double().flatten().clone()
     objective = _Objective(function, max_evaluations or int(max_iterations * 1.25))
