@@ -171,12 +171,12 @@ def lbfgs_minimise(function, x0: torch.Tensor, max_iterations: int = 20, history
                 s_list.pop(0), y_list.pop(0), rho_list.pop(0)
             s_list.append(step), y_list.append(y), rho_list.append(1.0 / ys)
             scaling = ys / float(y @ y)
-        change = abs(f_new - f)
+        change, moved = abs(f_new - f), float(step.abs().max())
         f, g = f_new, g_new
         if (objective.evaluations >= objective.limit or float(g.abs().max()) <= tolerance_grad
-                or float(step.abs().max()) <= tolerance_change or change < tolerance_change):
+                or moved <= tolerance_change or change < tolerance_change):
             break
-        short_steps = short_steps + 1 if float(step.abs().max()) <= step_tolerance else 0
+        short_steps = short_steps + 1 if moved <= step_tolerance else 0
         if short_steps == 2:
             break
     return x, f_start, objective.evaluations

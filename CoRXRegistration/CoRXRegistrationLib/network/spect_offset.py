@@ -43,8 +43,8 @@ class SpectOffsetConfig:
     that move the parameters (t in voxels, s in voxels along z) by less, and a line search stops narrowing
     below it (0.01 voxel, 0.04 mm on the bundled grid: below the 1/16 mm the SPECT field is stored to; the
     LNCC's float32 noise at the optimum is larger than its change there); max_offset_mm: larger fits are
-    rejected (the simulated and the usual clinical SPECT/CT mismatch is below 1 cm per session); organ_shift: fit the cranio-caudal
-    shift of the uptake organs too; organ_sigma_mm: SD of the Gaussian that spreads the uptake mask into
+    rejected (the simulated and the usual clinical SPECT/CT mismatch is below 1 cm per session);
+    organ_shift: fit the cranio-caudal shift of the uptake organs too; organ_sigma_mm: SD of the Gaussian that spreads the uptake mask into
     the weight w (4 voxels of the bundled 3.87 mm grid); max_organ_shift_mm: larger organ shifts are
     dropped (breathing moves the organs by up to about 2 cm)."""
     window: int = 9
