@@ -162,6 +162,21 @@ def test_ssim_matches_a_brute_force_gaussian_window_with_and_without_gradients()
     assert shared[0]["jacobian_nonpositive_percent"] == 0.0
 
 
+def test_qa_lncc_one_box_mean_at_a_time_is_the_mean_of_the_lncc_map():
+    """The QA metrics' LNCC (one box mean at a time, in place) equals the mean of the batched map the
+    SPECT/CT fit uses, flat windows included."""
+    from CoRXRegistrationLib.network.metrics import local_cc_squared_against, local_statistics, mean_local_cc_squared
+    torch.manual_seed(5)
+    for dtype in (torch.float64, torch.float32):
+        a = torch.rand(1, 1, 13, 12, 15, dtype=dtype)
+        b = 0.6 * a + 0.4 * torch.rand_like(a)
+        b[0, 0, :4] = 0.3                                        # flat windows: the clamp and eps matter
+        fixed = local_statistics(a)
+        expected = float(local_cc_squared_against(fixed, b).mean())
+        assert mean_local_cc_squared(fixed, b) == pytest.approx(expected, rel=1e-12 if dtype == torch.float64 else 1e-6)
+        assert 0.1 < expected < 1.0
+
+
 def test_jacobian_of_affine_fields_and_folding_count():
     z, y, x = torch.meshgrid(*(torch.arange(10.0) for _ in range(3)), indexing="ij")
     a = torch.tensor([[1.2, 0.1, 0.0], [0.0, 0.9, 0.2], [0.05, 0.0, 1.1]])   # p -> A p, channels (z, y, x)

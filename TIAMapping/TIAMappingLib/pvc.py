@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from CoRXRegistrationLib.geometry import Geometry, mask_index_bounds
 
@@ -80,6 +79,7 @@ class Resolution:
 
 def blur(volume: np.ndarray, geometry: Geometry, resolution: Resolution) -> np.ndarray:
     """``volume`` convolved with the Gaussian PSF (zero outside the grid), float32."""
+    from scipy import ndimage                   # here, not at import: every command's parser reads METHODS
     return ndimage.gaussian_filter(np.asarray(volume, np.float32), resolution.sigma_voxels(geometry),
                                    mode="constant", truncate=4.0)
 
@@ -340,6 +340,7 @@ class TransferMatrix:
 
 
 def transfer_matrix(regions: Regions, geometry: Geometry, resolution: Resolution) -> TransferMatrix:
+    from scipy import ndimage
     sigma = resolution.sigma_voxels(geometry)
     pad = [int(np.ceil(4.0 * s)) + 1 for s in sigma]
     n = len(regions.names)
