@@ -19,9 +19,10 @@ INIT=${INIT:-training_checkpoints/corx-cpu-ct/best.pt}
 EPOCHS=${EPOCHS:-4}
 EPOCH_STEPS=${EPOCH_STEPS:-150}
 EXPORT=${EXPORT:-output/models/corx-cpu-supervised.pt}
+NETWORK=${NETWORK:-corx-cpu}   # corx-cpu-nocs for the cross-stitch ablation (INIT: its stage-3 checkpoint)
 
 $CORX prepare-data --simulate 40 --first-seed 200 --preset randomised --out "$DATA"
-$CORX train --data "$DATA" --out "$RUN" --network corx-cpu \
+$CORX train --data "$DATA" --out "$RUN" --network "$NETWORK" \
     --network-overrides '{"diffeomorphic": true, "spect_correction": true}' --prealign rigid --init "$INIT" \
     --loss supervised --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
     --epochs "$EPOCHS" --epoch-steps "$EPOCH_STEPS" --lr 1e-3 --val-patients 2 --seed 0 --checkpoint-every 25
