@@ -278,15 +278,15 @@ def test_the_registration_commands_do_not_import_scipy(small_series_dir, tiny_mo
     command's parser lists the PVC methods."""
     import subprocess
     import sys
-    tp = json.loads((small_series_dir / "series.json").read_text())["time_points"]
-    pair = ["--fixed-ct", tp[0]["ct"], "--fixed-spect", tp[0]["spect"], "--moving-ct", tp[1]["ct"],
-            "--moving-spect", tp[1]["spect"]]
+    d = small_series_dir
+    tp = json.loads((d / "series.json").read_text())["time_points"]
+    pair = ["--fixed-ct", d / tp[0]["ct"], "--fixed-spect", d / tp[0]["spect"], "--moving-ct", d / tp[1]["ct"],
+            "--moving-spect", d / tp[1]["spect"]]
     code = ("import sys; from CoRXRegistrationLib.cli import main; code = main(sys.argv[1:]); "
             "print(code, sorted(m for m in sys.modules if m == 'scipy' or m.startswith('scipy.')))")
     common = ["--model", str(tiny_model), "--device", "cpu"]
-    for argv in (["register", *(str(small_series_dir / p) if not p.startswith("--") else p for p in pair),
-                  "--out", str(tmp_path / "pair")],
-                 ["register-series", str(small_series_dir), "--out", str(tmp_path / "series")]):
+    for argv in (["register", *map(str, pair), "--out", str(tmp_path / "pair")],
+                 ["register-series", str(d), "--out", str(tmp_path / "series")]):
         done = subprocess.run([sys.executable, "-c", code, *argv, *common], capture_output=True, text=True,
                               check=True)
         assert done.stdout.strip().splitlines()[-1] == "0 []", (argv[0], done.stdout[-500:], done.stderr[-500:])

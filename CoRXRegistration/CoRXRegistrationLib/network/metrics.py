@@ -176,43 +176,36 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int 
 
 def ssim_against(a: torch.Tensor, others: list, data_range: float = 1.0, window: int = 11,
                  sigma: float = 1.5) -> list:
-    """[:func:`ssim` (a, b) for b in ``others``], the blurs of ``a`` computed once (B = 1 images). Without
-    gradients one blurred volume is made at a time and the SSIM map is formed in place, so a comparison
-    needs about seven volumes of working memory whatever the number of ``others``; the same values."""
+    """[:func:`ssim` (a, b) for b in ``others``], the blurs of ``a`` computed once (B = 1 images). One
+    blurred volume is made at a time and, without gradients, the SSIM map is formed in place, so a
+    comparison needs about seven volumes of working memory whatever the number of ``others``."""
     a = _as5d(a)
     others = [_as5d(b) for b in others]
     k = _gaussian_kernel(window, sigma, a.dtype, a.device)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    if torch.is_grad_enabled() and (a.requires_grad or any(b.requires_grad for b in others)):
-        n = a.shape[0]
-        blurred = _separable_blur(torch.cat([a, a * a] + [t for b in others for t in (b, b * b, a * b)]), k).split(n)
-        mu_a, saa = blurred[0], blurred[1] - blurred[0] ** 2
-        out = []
-        for i in range(len(others)):
-            mu_b, bb, ab = blurred[2 + 3 * i: 5 + 3 * i]
-            sbb, sab = bb - mu_b ** 2, ab - mu_a * mu_b
-            s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
-            out.append(s.flatten(1).mean(dim=1))
-        return out
+    grad = torch.is_grad_enabled() and (a.requires_grad or any(b.requires_grad for b in others))
 
     def blurred(x: torch.Tensor) -> torch.Tensor:
         return _separable_blur(x, k, volumes_at_once=1)
     mu_a = blurred(a)
     mu_a_squared = mu_a.square()
-    saa = blurred(a.square()).sub_(mu_a_squared)
+    saa = blurred(a.square()) - mu_a_squared
     out = []
-    for b in others:                            # the operations above, in place
+    for b in others:
         mu_b = blurred(b)
-        mu_ab = mu_a * mu_b
-        sab = blurred(a * b).sub_(mu_ab)
-        numerator = mu_ab.mul_(2).add_(c1).mul_(sab.mul_(2).add_(c2))
-        del sab
-        sbb = blurred(b.square()).sub_(mu_b.square())
-        # (mu_a^2 + mu_b^2 + c1) * (saa + sbb + c2): floating-point addition commutes, so the same values
-        denominator = mu_b.square_().add_(mu_a_squared).add_(c1).mul_(sbb.add_(saa).add_(c2))
-        del sbb, mu_b
-        out.append(numerator.div_(denominator).flatten(1).mean(dim=1))
-        del numerator, denominator
+        if grad:
+            sab, sbb = blurred(a * b) - mu_a * mu_b, blurred(b.square()) - mu_b.square()
+            s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a_squared + mu_b.square() + c1) * (saa + sbb + c2))
+        else:                                   # the same operations in place (addition commutes: same values)
+            mu_ab = mu_a * mu_b
+            sab = blurred(a * b).sub_(mu_ab)
+            numerator = mu_ab.mul_(2).add_(c1).mul_(sab.mul_(2).add_(c2))
+            del sab
+            sbb = blurred(b.square()).sub_(mu_b.square())
+            s = numerator.div_(mu_b.square_().add_(mu_a_squared).add_(c1).mul_(sbb.add_(saa).add_(c2)))
+            del numerator, sbb
+        out.append(s.flatten(1).mean(dim=1))
+        del mu_b, s
     return out
 
 
