@@ -64,3 +64,29 @@ def test_preprocess_prealign_defaults():
     assert PreprocessConfig().body_level == pytest.approx(0.25)
     with pytest.raises(ValueError, match="prealign"):
         PreprocessConfig(prealign="affine")
+
+
+def test_rigid_displacement_of_a_block_of_points_is_that_block_of_the_whole_grid():
+    params, shape = torch.tensor([0.05, -0.03, 0.02, 1.5, -2.0, 0.7]), (24, 20, 16)
+    whole = rigid_displacement(params, shape)
+    block = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape),
+                                       indexing="ij"))[:, 5:17]
+    assert torch.allclose(rigid_displacement(params, shape, block), whole[:, :, 5:17], atol=1e-5)
+
+
+def test_prealign_moving_warps_ct_and_spect_through_the_fitted_transform():
+    fixed = torso()
+    moving = torch.roll(fixed, shifts=(2, -1, 3), dims=(2, 3, 4))
+    spect = torch.rand_like(fixed)
+    u, mct, msp = prealign_moving("rigid", fixed, moving, spect, 0.25)
+    assert torch.equal(mct, warp(moving, u)) and torch.equal(msp, warp(spect, u))
+
+
+def test_rigid_sampling_points_are_the_rigid_displacement_in_grid_sample_units():
+    from CoRXRegistrationLib.network.rigid import _centred_points, rigid_sampling_points
+    from CoRXRegistrationLib.network.transform import voxels_to_sampling
+    params, shape = torch.tensor([0.05, -0.03, 0.02, 1.5, -2.0, 0.7]), (24, 20, 16)
+    identity = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij"))
+    expected = voxels_to_sampling(identity[None] + rigid_displacement(params, shape), shape)[:, 5:17]
+    got = rigid_sampling_points(params, _centred_points(shape, 5, 17, "cpu"), shape).view(1, 12, 20, 16, 3)
+    assert torch.allclose(got, expected, atol=1e-6)

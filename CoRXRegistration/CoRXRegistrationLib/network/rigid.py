@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..preprocess import PREALIGN_METHODS
 from ..progress import check_cancel
 from .optimisers import Adam
-from .transform import _identity_grid, sample_on, voxels_to_sampling, warp
+from .transform import _identity_grid, sample_on, warp
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,31 @@ def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
 
 
 def rigid_displacement(params: torch.Tensor, shape: tuple, identity: torch.Tensor | None = None) -> torch.Tensor:
-    """(1, 3, Z, Y, X) displacement of p -> R (p - c) + c + t; params = (3 angles, 3 translations);
-    ``identity``: the voxel coordinates of ``shape`` (:func:`transform._identity_grid`) when already made."""
+    """(1, 3, Z, Y, X) displacement of p -> R (p - c) + c + t, c the centre of the grid ``shape``;
+    params = (3 angles, 3 translations); ``identity``: the points p, (3, ...) voxel coordinates, by default
+    the whole grid (:func:`transform._identity_grid`); the result has their shape."""
     grid = _identity_grid(tuple(shape), params.device, params.dtype) if identity is None else identity
     centre = torch.tensor([(n - 1) / 2.0 for n in shape], device=params.device, dtype=params.dtype).view(3, 1)
     p = grid.reshape(3, -1)
     moved = rotation_matrix(params[:3]) @ (p - centre) + centre + params[3:].view(3, 1)
-    return (moved - p).reshape(1, 3, *shape)
+    return (moved - p).reshape(1, 3, *grid.shape[1:])
+
+
+def _centred_points(shape: tuple, lo: int, hi: int, device) -> torch.Tensor:
+    """(N, 3) voxel coordinates (z, y, x) minus the grid centre of the axial slices lo..hi-1 of ``shape``."""
+    centre = torch.tensor([(n - 1) / 2.0 for n in shape], device=device)
+    return _identity_grid(tuple(shape), device, torch.float32)[:, lo:hi].reshape(3, -1).T - centre
+
+
+def rigid_sampling_points(params: torch.Tensor, centred: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """grid_sample coordinates (N, [x, y, z]) in [-1, 1] (align_corners) of the images p -> R (p - c) + c + t
+    of points given as p - c (``centred``, (N, 3) voxels (z, y, x), c the centre of the grid ``shape``): one
+    product, what :func:`rigid_displacement` followed by :func:`transform.voxels_to_sampling` gives."""
+    to_unit = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=params.device, dtype=params.dtype)
+    # the centre maps to 0 in grid_sample units, so x = D R (p - c) + D t with D = diag(2 / (n - 1)),
+    # the rows put in grid_sample's (x, y, z) order
+    m = (to_unit.view(3, 1) * rotation_matrix(params[:3])).flip(0)
+    return torch.addmm((to_unit * params[3:]).flip(0), centred, m.T)
 
 
 def field_of_view_band(fixed_ct: torch.Tensor, body_level: float, margin: int) -> torch.Tensor:
@@ -92,11 +110,15 @@ def rigid_prealign(fixed_ct: torch.Tensor, moving_ct: torch.Tensor, body_level: 
             level_scale = scale * torch.tensor([1.0] * 3 + [1.0 / factor] * 3, device=fixed_ct.device)
             opt = Adam([params], lr=cfg.lr_rotation)
             shape = tuple(f.shape[2:])
-            identity = _identity_grid(shape, fixed_ct.device, params.dtype)      # made once per level
+            # slices of zero weight add nothing to the cost or its gradient: sample only the band
+            band = (w[0, 0].flatten(1).amax(1) > 0).nonzero().flatten()
+            lo, hi = int(band.min()), int(band.max()) + 1
+            f, w = f[:, :, lo:hi], w[:, :, lo:hi]
+            centred = _centred_points(shape, lo, hi, fixed_ct.device)                 # made once per level
             for _ in range(iterations):
                 check_cancel(cancel, "during the rigid pre-alignment")
-                u = rigid_displacement(params * level_scale, shape, identity)
-                cost = (w * (sample_on(m, voxels_to_sampling(identity[None] + u, shape)) - f) ** 2).sum() / w.sum()
+                points = rigid_sampling_points(params * level_scale, centred, shape).view(1, *f.shape[2:], 3)
+                cost = (w * (sample_on(m, points) - f) ** 2).sum() / w.sum()
                 opt.zero_grad()
                 cost.backward()
                 opt.step()
@@ -116,4 +138,5 @@ def prealign_moving(method: str, fixed_ct: torch.Tensor, moving_ct: torch.Tensor
     if method == "none":
         return torch.zeros((1, 3) + tuple(fixed_ct.shape[2:]), device=fixed_ct.device), moving_ct, moving_spect
     u, _ = rigid_prealign(fixed_ct, moving_ct, body_level, cancel=cancel)
-    return u, warp(moving_ct, u), warp(moving_spect, u)
+    both = warp(torch.cat([moving_ct, moving_spect], 1), u)      # one set of sampling weights for the two
+    return u, both[:, :1], both[:, 1:]
