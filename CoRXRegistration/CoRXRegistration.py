@@ -430,7 +430,7 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerPair(self, fixedCTNode, fixedSPECTNode, movingCTNode, movingSPECTNode, model="bundled",
                      device="auto", refineIterations=0, progress=None, cancel=None, name="moving",
-                     spectOffset=None, spectOrganShift=True, runner=None, allow=()):
+                     spectOffset=None, spectOrganShift=True, runner=None, allow=(), fixedReference=None):
         """Register the moving SPECT/CT onto the fixed one with CoRX.
 
         Returns a dict of new nodes: "transform" (grid transform, from-parent, on the fixed SPECT grid:
@@ -447,13 +447,15 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         panel runs it on a worker thread and keeps the GUI live (:func:`runKeepingGUIAlive`). Nodes are
         read before and made after it, on the calling (main) thread. Both sessions pass the input checks
         of ``CoRXRegistrationLib.validate`` (CT in HU, SPECT in Bq/mL, spacing); ``allow``: checks to
-        turn into warnings (in the result's notes).
+        turn into warnings (in the result's notes). ``fixedReference``: the fixed nodes' session already
+        prepared (``CoRXRegistrationLib.engine.prepare_fixed``, as :meth:`registerSeries` does once for all
+        its pairs); the same results.
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
         from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig
 
-        fixed = sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
+        fixed = fixedReference or sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
         moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
         result = (runner or callNow)(lambda: register(
             fixed, moving, model=model, device=device, refine_iterations=refineIterations, progress=progress,
@@ -512,8 +514,11 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def _registerEach(self, ctNodes, spectNodes, timesH, referenceIndex, loaded, device, refineIterations,
                       progress, cancel, spectOffset, spectOrganShift, runner, allow):
+        from CoRXRegistrationLib.engine import prepare_fixed
         from CoRXRegistrationLib.progress import Cancelled, check_cancel
         pairs, rows = {}, []
+        session = sessionFromNodes(ctNodes[referenceIndex], spectNodes[referenceIndex], "fixed")
+        reference = (runner or callNow)(lambda: prepare_fixed(session, loaded, allow))   # once for every pair
         others = [i for i in range(len(timesH)) if i != referenceIndex]
         cancelled = False
         for n, i in enumerate(others):
@@ -524,7 +529,8 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
                                           spectNodes[i], model=loaded, device=device,
                                           refineIterations=refineIterations, progress=sub, cancel=cancel,
                                           name=f"{timesH[i]:g}h", spectOffset=spectOffset,
-                                          spectOrganShift=spectOrganShift, runner=runner, allow=allow)
+                                          spectOrganShift=spectOrganShift, runner=runner, allow=allow,
+                                          fixedReference=reference)
             except Cancelled:
                 cancelled = True
                 break

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from CoRXRegistrationLib.cli import main as corx_main
-from CoRXRegistrationLib.engine import (FIELD_STEP_MM, DeviceError, load_model, quantised, register, select_device,
-                                        write_registration)
+from CoRXRegistrationLib.engine import (FIELD_STEP_MM, DeviceError, load_model, prepare_fixed, quantised, register,
+                                        select_device, write_registration)
 from CoRXRegistrationLib.geometry import Geometry, GeometryError, displacement_voxels_to_lps
 from CoRXRegistrationLib.imageio import read_displacement_field, read_image
 from CoRXRegistrationLib.network import build_network, named_config
@@ -233,6 +233,23 @@ def test_a_network_spect_head_moves_the_spect_and_not_the_ct(small_series, tmp_p
 def test_load_model_reports_preprocessing(tiny_model):
     m = load_model(tiny_model)
     assert m.preprocess.grid_size == (64, 64, 64) and m.network.config.name == "corx-tiny"
+
+
+def test_a_prepared_fixed_session_gives_the_results_of_the_session_itself(small_series, tiny_model, tmp_path):
+    fixed = session(small_series, 0)
+    prepared = prepare_fixed(fixed, tiny_model)
+    for i in (1, 2):      # the second pair reuses the fixed side of the QA metrics and the fit made by the first
+        moving = session(small_series, i)
+        own, shared = (register(f, moving, model=tiny_model, device="cpu") for f in (fixed, prepared))
+        for name in ("field_spect", "warped_spect", "warped_ct", "jacobian_spect", "field_network"):
+            np.testing.assert_array_equal(getattr(own, name), getattr(shared, name), err_msg=name)
+        assert own.metrics == shared.metrics and own.spect_organ_shift_mm == shared.spect_organ_shift_mm
+        assert own.notes == shared.notes
+    assert prepared.metric_reference is not None and len(prepared.offset_references) == 1
+    other = save_checkpoint(tmp_path / "other.pt", build_network(named_config("corx-tiny")),
+                            PreprocessConfig(grid_size=(48, 48, 48), spacing_mm=10.3).to_dict())
+    with pytest.raises(ValueError, match="prepared for a model with other preprocessing"):
+        register(prepared, session(small_series, 1), model=other, device="cpu")
 
 
 def test_qa_metrics_can_be_skipped_for_speed(small_series, tiny_model):

@@ -27,11 +27,11 @@ from . import BUNDLED_MODEL
 from .geometry import Geometry, displacement_lps_to_voxels, displacement_voxels_to_lps
 from .network.checkpoint import load_checkpoint
 from .network.losses import LossWeights, registration_loss
-from .network.metrics import jacobian_determinant, registration_metrics_of
+from .network.metrics import jacobian_determinant, metric_reference, registration_metrics_against
 from .network.networks import RegistrationNetwork
 from .network.optimisers import Adam
 from .network.rigid import prealign_moving
-from .network.spect_offset import SpectOffsetConfig, fit_spect_offset
+from .network.spect_offset import SpectOffsetConfig, fit_spect_offset, spect_offset_reference
 from .network.transform import compose, integrate_velocity, warp
 from .outputs import OutputSet, registration_outputs
 from .progress import Cancelled, check_cancel
@@ -265,6 +265,35 @@ def spect_offset_note(fit, mm: np.ndarray) -> str:
             f"{fit.lncc_before:.4f} -> {fit.lncc_after:.4f}" + (f"; {fit.organ_note}" if fit.organ_note else ""))
 
 
+@dataclass
+class FixedReference:
+    """The fixed session prepared once for every moving session registered to it (a series' reference
+    time point; :func:`prepare_fixed`): its network grid, its CT (HU) and SPECT (Bq/mL) on that grid and
+    normalised for the model, its validation notes, and the fixed images' part of the QA metrics and of the
+    SPECT/CT fit, made at their first use. :func:`register` takes it in place of the fixed session; the
+    results are those of the session itself."""
+    session: SpectCt
+    preprocess: PreprocessConfig
+    grid: Geometry
+    raw: tuple                    # (CT HU, SPECT Bq/mL) on ``grid``
+    inputs: tuple                 # (CT, SPECT) normalised as the model's inputs
+    notes: list                   # the validation layer's warnings for the fixed session
+    metric_reference: tuple | None = None                  # :func:`network.metrics.metric_reference`
+    offset_references: dict = field(default_factory=dict)  # (device, SpectOffsetConfig) -> the fit's part
+
+
+def prepare_fixed(fixed: SpectCt, model=None, allow=()) -> FixedReference:
+    """Validate the fixed session and put it on ``model``'s network grid once (``allow``: as for
+    :func:`register`), for registering many moving sessions to it."""
+    fixed.validate()
+    notes = []
+    check_session(fixed, allow, notes)
+    cfg = load_model(model, "cpu").preprocess
+    grid = network_grid(fixed, cfg)
+    ct, sp = onto_grid(fixed, grid, cfg)
+    return FixedReference(fixed, cfg, grid, (ct, sp), (normalise_ct(ct, cfg), normalise_spect(sp, cfg)), notes)
+
+
 def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", refine_iterations: int = 0,
              progress=None, cancel=None, native_outputs: bool = True, qa_metrics: bool = True,
              spect_offset: bool | None = None, spect_offset_config: SpectOffsetConfig | None = None,
@@ -275,8 +304,11 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     ``qa_metrics=False`` skips the paper's metrics before/after (about 2.7 s of SSIM on 2 CPU cores).
     ``spect_offset``: fit the SPECT/CT offset; None = when the model reads the SPECT (CoRX, not TransMorph);
     ``spect_offset_config``: the fit's settings (None: the defaults; ``SpectOffsetConfig(organ_shift=False)``:
-    translation only). Both sessions pass the validation layer first (:func:`validate.check_session`;
-    ``allow``: checks turned into warnings, kept in ``notes``). ``ct_grid``: the fixed grid the moving CT is
+    translation only). ``fixed``: a session, or a :class:`FixedReference` of one (:func:`prepare_fixed`,
+    the same model) when many moving sessions are registered to it: the same results, the fixed side's
+    work done once. Both sessions pass the validation layer first (:func:`validate.check_session`;
+    ``allow``: checks turned into warnings, kept in ``notes``; with a FixedReference it applies to the moving
+    session, the fixed one having been checked by :func:`prepare_fixed`). ``ct_grid``: the fixed grid the moving CT is
     warped onto, "ct" (its own, full resolution) or "spect" (the dosimetry grid: a QA image about 3x faster
     to make and 8x smaller to store). The SPECT field is stored at FIELD_STEP_MM; the SPECT warp and the
     Jacobian use that stored field, so the files and the maps agree exactly."""
@@ -287,25 +319,26 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
     timings, notes = {}, []
 
     t0 = time.perf_counter()
-    fixed.validate()
+    model = load_model(model, "cpu")
+    reference = fixed if isinstance(fixed, FixedReference) else prepare_fixed(fixed, model, allow)
+    if reference.preprocess != model.preprocess:
+        raise ValueError("the fixed reference was prepared for a model with other preprocessing than this one")
+    fixed, cfg, grid = reference.session, reference.preprocess, reference.grid
+    notes.extend(reference.notes)
     moving.validate()
-    check_session(fixed, allow, notes)
     check_session(moving, allow, notes)
     identical = fixed.same_scans(moving)
     torch_device, message = select_device(device)
     notes.append(message)
-    model = load_model(model, "cpu")
-    cfg = model.preprocess
     if spect_offset is None:
         spect_offset = model.reads_spect
     elif spect_offset and not model.reads_spect:
         raise ValueError(f"the SPECT/CT offset needs a model that reads the SPECT; '{model.network.config.name}' "
                          f"is CT-only")
     report(0.02, "preprocessing")
-    grid = network_grid(fixed, cfg)
     cranio_caudal = _cranio_caudal_voxels(grid)
-    raw = [onto_grid(s, grid, cfg) for s in (fixed, moving)]
-    inputs = [(normalise_ct(ct, cfg), normalise_spect(sp, cfg)) for ct, sp in raw]
+    raw_moving = onto_grid(moving, grid, cfg)
+    inputs = [reference.inputs, (normalise_ct(raw_moving[0], cfg), normalise_spect(raw_moving[1], cfg))]
     timings["preprocess"] = time.perf_counter() - t0
     check_cancel(cancel, "after preprocessing")
 
@@ -337,8 +370,13 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         check_cancel(cancel, "before the SPECT/CT offset")
         t = time.perf_counter()
         report(0.8, "SPECT/CT offset")
-        fit = fit_spect_offset(fsp, msp, disp if correction is None else disp + correction, float(grid.spacing[0]),
-                               spect_offset_config, cranio_caudal, cancel=cancel)
+        spacing = float(grid.spacing[0])
+        key = (str(dev), spect_offset_config)
+        if key not in reference.offset_references:
+            reference.offset_references[key] = spect_offset_reference(fsp, spect_offset_config, spacing)
+        fit = fit_spect_offset(fsp, msp, disp if correction is None else disp + correction, spacing,
+                               spect_offset_config, cranio_caudal, cancel=cancel,
+                               reference=reference.offset_references[key])
         timings["spect_offset"] = time.perf_counter() - t
         return disp, correction, fit
 
@@ -377,13 +415,15 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
                                 device=str(torch_device), notes=notes)
     if qa_metrics:
         disp_spect = torch.from_numpy(displacement_lps_to_voxels(result.field_network_spect, grid))[None]
-        (fct, fsp), (mct, msp) = [tuple(_tensor(a, "cpu") for a in metric_images(ct, sp)) for ct, sp in raw]
-        del raw
+        mct, msp = (_tensor(a, "cpu") for a in metric_images(*raw_moving))
+        del raw_moving
         check_cancel(cancel, "before the QA metrics")
         report(0.82, "QA metrics")
-        identity, registered = registration_metrics_of(fct, fsp, [(mct, msp, torch.zeros_like(disp_cpu)),
-                                                                  (warp(mct, disp_cpu), warp(msp, disp_spect),
-                                                                   disp_cpu)])
+        if reference.metric_reference is None:
+            reference.metric_reference = metric_reference(*(_tensor(a, "cpu") for a in metric_images(*reference.raw)))
+        identity, registered = registration_metrics_against(reference.metric_reference,
+                                                            [(mct, msp, torch.zeros_like(disp_cpu)),
+                                                             (warp(mct, disp_cpu), warp(msp, disp_spect), disp_cpu)])
         result.metrics = {"identity": identity, "registered": registered}
         timings["metrics"] = time.perf_counter() - t
     if native_outputs:

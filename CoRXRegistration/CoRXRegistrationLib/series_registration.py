@@ -41,7 +41,7 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
     (one write at a time; a failed write stops the series with its error, as a failed registration does)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .engine import load_model, register, write_registration
+    from .engine import load_model, prepare_fixed, register, write_registration
 
     tags = time_labels(times_h)
     plans = {i: registration_outputs(Path(out_dir) / f"t{tags[i]}", protected) for i in range(len(times_h))
@@ -49,6 +49,7 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
     for plan in plans.values():
         plan.prepare(overwrite)
     model = load_model(model)
+    fixed = prepare_fixed(sessions[reference_index], model, allow)        # its grid and filtering made once
     aligned, pairs = [], {}
     with ThreadPoolExecutor(max_workers=1) as writer:
         writing = None
@@ -56,7 +57,7 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
             if i == reference_index:
                 aligned.append(np.asarray(sessions[i].spect, np.float32))
                 continue
-            result = register(sessions[reference_index], sessions[i], model=model, device=device,
+            result = register(fixed, sessions[i], model=model, device=device,
                               progress=TerminalProgress(f"register {h:g} h -> {times_h[reference_index]:g} h"),
                               spect_offset=spect_offset, spect_offset_config=spect_offset_config, allow=allow,
                               ct_grid=ct_grid)

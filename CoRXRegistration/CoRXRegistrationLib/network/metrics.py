@@ -174,22 +174,34 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int 
     return ssim_against(a, [b], data_range, window, sigma)[0]
 
 
+def ssim_reference(a: torch.Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> tuple:
+    """What :func:`ssim_against_reference` needs of the first image of every comparison, computed once
+    (B = 1): (a, its Gaussian blur, its local variance, kernel, c1, c2)."""
+    a = _as5d(a)
+    k = _gaussian_kernel(window, sigma, a.dtype, a.device)
+    mu_a = _separable_blur(a, k, volumes_at_once=1)
+    saa = _separable_blur(a.square(), k, volumes_at_once=1)
+    saa = saa - mu_a.square() if torch.is_grad_enabled() and a.requires_grad else saa.sub_(mu_a.square())
+    return a, mu_a, saa, k, (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+
 def ssim_against(a: torch.Tensor, others: list, data_range: float = 1.0, window: int = 11,
                  sigma: float = 1.5) -> list:
-    """[:func:`ssim` (a, b) for b in ``others``], the blurs of ``a`` computed once (B = 1 images). One
-    blurred volume is made at a time and, without gradients, the SSIM map is formed in place, so a
-    comparison needs about seven volumes of working memory whatever the number of ``others``."""
-    a = _as5d(a)
+    """[:func:`ssim` (a, b) for b in ``others``], the blurs of ``a`` computed once (B = 1 images)."""
+    return ssim_against_reference(ssim_reference(a, data_range, window, sigma), others)
+
+
+def ssim_against_reference(reference: tuple, others: list) -> list:
+    """:func:`ssim_against` of the image of ``reference`` (:func:`ssim_reference`). One blurred volume is
+    made at a time and, without gradients, the SSIM map is formed in place, so a comparison needs about
+    seven volumes of working memory whatever the number of ``others``."""
+    a, mu_a, saa, k, c1, c2 = reference
     others = [_as5d(b) for b in others]
-    k = _gaussian_kernel(window, sigma, a.dtype, a.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     grad = torch.is_grad_enabled() and (a.requires_grad or any(b.requires_grad for b in others))
 
     def blurred(x: torch.Tensor) -> torch.Tensor:
         return _separable_blur(x, k, volumes_at_once=1)
-    mu_a = blurred(a)
     mu_a_squared = mu_a.square()
-    saa = blurred(a.square()) - mu_a_squared
     out = []
     for b in others:
         mu_b = blurred(b)
@@ -276,11 +288,22 @@ def registration_metrics_of(fixed_ct, fixed_spect, candidates: list) -> list:
     """:func:`registration_metrics` of the fixed images against each (warped CT, warped SPECT,
     displacement) in ``candidates`` (e.g. before and after registration), the fixed images' filtering
     done once."""
+    return registration_metrics_against(metric_reference(fixed_ct, fixed_spect), candidates)
+
+
+def metric_reference(fixed_ct, fixed_spect) -> tuple:
+    """The fixed images' part of the metrics (their SSIM blurs, the SPECT's local statistics), computed
+    once for every comparison with them (:func:`registration_metrics_against`; one image pair, B = 1)."""
     fs = minmax_normalise(fixed_spect)
+    return _as5d(fixed_ct), ssim_reference(fixed_ct), ssim_reference(fs), local_statistics(fs)
+
+
+def registration_metrics_against(reference: tuple, candidates: list) -> list:
+    """:func:`registration_metrics_of` with the fixed images' part given (:func:`metric_reference`)."""
+    fixed_ct, ct_reference, spect_reference, fixed_local = reference
     warped_spect = [minmax_normalise(ws) for _, ws, _ in candidates]
-    ct_ssim = ssim_against(fixed_ct, [wc for wc, _, _ in candidates])
-    spect_ssim = ssim_against(fs, warped_spect)
-    fixed_local = local_statistics(fs)
+    ct_ssim = ssim_against_reference(ct_reference, [wc for wc, _, _ in candidates])
+    spect_ssim = ssim_against_reference(spect_reference, warped_spect)
     return [{
         "ct_l1": float(l1(fixed_ct, wc).mean()),
         "ct_ssim": float(ct_ssim[i].mean()),

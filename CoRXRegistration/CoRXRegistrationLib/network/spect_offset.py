@@ -90,26 +90,55 @@ def uptake_weight(fixed_spect: torch.Tensor, config: SpectOffsetConfig, spacing_
     return w / w.max().clamp_min(1e-12)
 
 
+@dataclass(frozen=True)
+class SpectOffsetReference:
+    """What the fit needs of the fixed SPECT, computed once for every moving SPECT fitted to it
+    (:func:`spect_offset_reference`): the fit region, the fixed SPECT's local statistics there and the
+    uptake weight (None where the organ shift is not fitted)."""
+    origin: tuple
+    region: tuple
+    statistics: tuple
+    weight: torch.Tensor | None
+    config: SpectOffsetConfig
+    spacing_mm: float
+
+
+def spect_offset_reference(fixed_spect: torch.Tensor, config: SpectOffsetConfig = SpectOffsetConfig(),
+                           spacing_mm: float = 1.0) -> SpectOffsetReference | None:
+    """The fixed SPECT's part of :func:`fit_spect_offset` (same arguments); None when no voxel reaches the
+    uptake level."""
+    box = _uptake_box(fixed_spect, config)
+    if box is None:
+        return None
+    origin, region = box
+    weight = uptake_weight(fixed_spect, config, spacing_mm) if config.organ_shift else None
+    return SpectOffsetReference(origin, region, local_statistics(fixed_spect[region].detach(), config.window),
+                                weight, config, float(spacing_mm))
+
+
 def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, displacement: torch.Tensor,
                      spacing_mm: float, config: SpectOffsetConfig = SpectOffsetConfig(),
-                     cranio_caudal_voxels=(1.0, 0.0, 0.0), cancel=None) -> SpectOffsetFit:
+                     cranio_caudal_voxels=(1.0, 0.0, 0.0), cancel=None,
+                     reference: SpectOffsetReference | None = None) -> SpectOffsetFit:
     """Fit the translation and the organ shift (see module docstring). Images (1, 1, Z, Y, X) normalised
     as the network's inputs, ``displacement`` (1, 3, Z, Y, X) voxels of the same grid (resampling
     convention); ``spacing_mm``: the grid's isotropic voxel size; ``cranio_caudal_voxels``: +1 mm along
     LPS z as a displacement in voxels, channels (z, y, x) (the default: an axial grid of 1 mm voxels);
-    ``cancel() -> bool`` is asked at every evaluation (:class:`..progress.Cancelled`)."""
+    ``cancel() -> bool`` is asked at every evaluation (:class:`..progress.Cancelled`); ``reference``: the
+    fixed SPECT's part already made (:func:`spect_offset_reference` of ``fixed_spect`` with this ``config``
+    and ``spacing_mm``), e.g. for every time point of a series."""
     if fixed_spect.shape[0] != 1 or displacement.shape[0] != 1:
         raise ValueError("the SPECT/CT offset is fitted one pair at a time (batch 1)")
     zero = (0.0, 0.0, 0.0)
-    box = _uptake_box(fixed_spect, config)
-    if box is None:
+    if reference is not None and (reference.config != config or reference.spacing_mm != float(spacing_mm)):
+        raise ValueError("the SPECT/CT offset reference was made with other settings than this fit's")
+    reference = reference or spect_offset_reference(fixed_spect, config, spacing_mm)
+    if reference is None:
         return SpectOffsetFit(zero, False, f"no fixed SPECT voxel above {config.uptake_level} of its maximum "
                                            f"(normalised) to fit on")
-    origin, region = box
-    fixed = local_statistics(fixed_spect[region].detach(), config.window)      # constant: filtered once
+    origin, region, fixed, weight = reference.origin, reference.region, reference.statistics, reference.weight
     field = displacement[region].detach()
     moving = moving_spect.detach()
-    weight = uptake_weight(fixed_spect, config, spacing_mm) if config.organ_shift else None
     per_mm = torch.as_tensor(cranio_caudal_voxels, dtype=field.dtype, device=field.device).view(1, 3, 1, 1, 1)
     voxels_per_mm = float(torch.linalg.vector_norm(per_mm))
     along = per_mm / voxels_per_mm          # unit vector: s is fitted in voxels, as t is
@@ -152,8 +181,10 @@ def fit_spect_offset(fixed_spect: torch.Tensor, moving_spect: torch.Tensor, disp
     size_mm = float(torch.linalg.vector_norm(t)) * spacing_mm
     organ_mm = float(s) / voxels_per_mm
     if weight is not None and math.isfinite(organ_mm) and abs(organ_mm) > config.max_organ_shift_mm:
-        alone = fit_spect_offset(fixed_spect, moving_spect, displacement, spacing_mm,
-                                 replace(config, organ_shift=False), cranio_caudal_voxels)
+        alone_config = replace(config, organ_shift=False)
+        alone = fit_spect_offset(fixed_spect, moving_spect, displacement, spacing_mm, alone_config,
+                                 cranio_caudal_voxels,
+                                 reference=replace(reference, weight=None, config=alone_config))
         alone.organ_note = (f"organ shift not applied: the fitted {organ_mm:+.1f} mm exceeds "
                             f"{config.max_organ_shift_mm:g} mm; the translation was fitted alone")
         return alone
