@@ -307,3 +307,19 @@ def test_masked_loss_terms_average_over_the_mask_only():
     assert parts["ct_mse"] == pytest.approx(float(((t[0] - t[1])[0, 0][inside] ** 2).mean()), rel=1e-5)
     assert parts["spect_lncc"] == pytest.approx(-float(local_cc_squared(t[2], t[3])[0, 0][inside].mean()), rel=1e-5)
     assert parts["regularisation"] == pytest.approx(float(diffusion(u)))
+
+
+@pytest.mark.parametrize("shape, channels", [((1, 2, 24, 24, 24), 16), ((1, 16, 16, 16, 16), 16)])
+def test_the_inference_convolution_is_the_standard_one(shape, channels):
+    from CoRXRegistrationLib.network.layers import Conv3d
+    torch.manual_seed(0)
+    ours = Conv3d(shape[1], channels, 3, padding=1)
+    standard = torch.nn.Conv3d(shape[1], channels, 3, padding=1)
+    standard.load_state_dict(ours.state_dict())
+    x = torch.rand(shape)
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(x).numpy(), standard(x).numpy(), atol=1e-5)
+    # with gradients the standard path runs, and it trains as one
+    x.requires_grad_(True)
+    ours(x).square().sum().backward()
+    assert x.grad is not None and ours.weight.grad is not None and float(ours.weight.grad.abs().sum()) > 0

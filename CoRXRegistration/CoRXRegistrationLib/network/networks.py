@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import NetworkConfig
-from .layers import (ConvNormAct, CrossStitch, DecoderBlock, PatchEmbed, PatchMerging, RegistrationHead,
+from .layers import (Conv3d, ConvNormAct, CrossStitch, DecoderBlock, PatchEmbed, PatchMerging, RegistrationHead,
                      SwinStage)
 from .transform import integrate_velocity, upsample_displacement
 
@@ -95,7 +95,7 @@ class RegistrationNetwork(nn.Module):
         self.head = RegistrationHead(self.streams[0].out_channels)
         self.spect_head = None
         if cfg.spect_correction:                      # starts at zero: a fine-tuned CT network is unchanged
-            self.spect_head = nn.Conv3d(self.streams[0].out_channels, 3, 3, padding=1)
+            self.spect_head = Conv3d(self.streams[0].out_channels, 3, 3, padding=1)
             nn.init.zeros_(self.spect_head.weight)
             nn.init.zeros_(self.spect_head.bias)
 
