@@ -125,8 +125,11 @@ class Conv3d(nn.Conv3d):
                 and not isinstance(self.padding, str) and not (torch.is_grad_enabled() and
                                                                (x.requires_grad or self.weight.requires_grad))
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-            return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride,
-                                            self.dilation, self.groups)
+            try:
+                return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride,
+                                                self.dilation, self.groups)
+            except (AttributeError, RuntimeError):   # a torch build without it: the standard path, same values
+                pass
         return super().forward(x)
 
 
