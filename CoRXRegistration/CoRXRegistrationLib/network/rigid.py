@@ -49,21 +49,23 @@ def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
     return about_z @ about_y @ about_x
 
 
-def rigid_displacement(params: torch.Tensor, shape: tuple, identity: torch.Tensor | None = None) -> torch.Tensor:
+def _grid_centre(shape: tuple, device, dtype=torch.float32) -> torch.Tensor:
+    """(3,) voxel coordinates (z, y, x) of the centre of a grid of ``shape``: what the rotation turns about."""
+    return torch.tensor([(n - 1) / 2.0 for n in shape], device=device, dtype=dtype)
+
+
+def rigid_displacement(params: torch.Tensor, shape: tuple) -> torch.Tensor:
     """(1, 3, Z, Y, X) displacement of p -> R (p - c) + c + t, c the centre of the grid ``shape``;
-    params = (3 angles, 3 translations); ``identity``: the points p, (3, ...) voxel coordinates, by default
-    the whole grid (:func:`transform._identity_grid`); the result has their shape."""
-    grid = _identity_grid(tuple(shape), params.device, params.dtype) if identity is None else identity
-    centre = torch.tensor([(n - 1) / 2.0 for n in shape], device=params.device, dtype=params.dtype).view(3, 1)
-    p = grid.reshape(3, -1)
+    params = (3 angles, 3 translations)."""
+    p = _identity_grid(tuple(shape), params.device, params.dtype).reshape(3, -1)
+    centre = _grid_centre(shape, params.device, params.dtype).view(3, 1)
     moved = rotation_matrix(params[:3]) @ (p - centre) + centre + params[3:].view(3, 1)
-    return (moved - p).reshape(1, 3, *grid.shape[1:])
+    return (moved - p).reshape(1, 3, *shape)
 
 
 def _centred_points(shape: tuple, lo: int, hi: int, device) -> torch.Tensor:
     """(N, 3) voxel coordinates (z, y, x) minus the grid centre of the axial slices lo..hi-1 of ``shape``."""
-    centre = torch.tensor([(n - 1) / 2.0 for n in shape], device=device)
-    return _identity_grid(tuple(shape), device, torch.float32)[:, lo:hi].reshape(3, -1).T - centre
+    return _identity_grid(tuple(shape), device, torch.float32)[:, lo:hi].reshape(3, -1).T - _grid_centre(shape, device)
 
 
 def rigid_sampling_points(params: torch.Tensor, centred: torch.Tensor, shape: tuple) -> torch.Tensor:
