@@ -10,7 +10,9 @@ ran, the paired difference B minus A (mean ± standard error), the largest |diff
 how many pairs got better / worse, and the seconds per pair of each run (median). Either side may be
 several runs' pairs.csv joined by commas (e.g. one run per protocol); ``--method`` may name several rows.
 ``--before-method M`` takes A's rows of method M instead (e.g. a new model's network-alone row in B against
-the rigid stage or ANTs SyN in A, on the same pairs).
+the rigid stage or ANTs SyN in A, on the same pairs). ``--dataset TEXT`` / ``--patient TEXT`` keep the pairs
+whose dataset / patient column contains TEXT (e.g. ``--patient patient15``; ``--dataset "0.5, 4"`` for the
+0.5–48 h protocol, ``--dataset "48, 120"`` for the 4–120 h one).
 """
 import argparse
 import csv
@@ -26,13 +28,15 @@ sys.path[:0] = [str(ROOT / "CoRXRegistration"), str(ROOT / "TIAMapping")]
 from CoRXRegistrationLib.evaluation import PAIRED_ERRORS, paired_differences  # noqa: E402
 
 
-def read_rows(paths, method: str, label: str) -> list:
+def read_rows(paths, method: str, label: str, dataset: str = "", patient: str = "") -> list:
     rows = []
     for path in str(paths).split(","):
         with open(path, newline="") as fh:
-            rows += [r for r in csv.DictReader(fh) if r["method"] == method]
+            rows += [r for r in csv.DictReader(fh) if r["method"] == method and dataset in r["dataset"]
+                     and patient in r["patient"]]
     if not rows:
-        raise SystemExit(f"{paths}: no rows of method {method!r}")
+        raise SystemExit(f"{paths}: no rows of method {method!r}"
+                         + (f" with dataset ~ {dataset!r} and patient ~ {patient!r}" if dataset or patient else ""))
     for r in rows:
         r["method"] = label
         for key, _ in PAIRED_ERRORS:
@@ -46,13 +50,16 @@ def main() -> int:
     ap.add_argument("after", help="pairs.csv of the second run (B)")
     ap.add_argument("--method", nargs="+", default=["corx"], help="the rows to compare (default corx)")
     ap.add_argument("--before-method", help="A's rows of this method instead of --method's")
+    ap.add_argument("--dataset", default="", help="only the pairs whose dataset contains this text")
+    ap.add_argument("--patient", default="", help="only the pairs whose patient contains this text")
     args = ap.parse_args()
     for method in args.method:
-        compare(args.before, args.after, method, args.before_method or method)
+        compare(args.before, args.after, method, args.before_method or method, args.dataset, args.patient)
 
 
-def compare(before, after, method: str, before_method: str) -> None:
-    rows = read_rows(before, before_method, "A") + read_rows(after, method, "B")
+def compare(before, after, method: str, before_method: str, dataset: str = "", patient: str = "") -> None:
+    rows = (read_rows(before, before_method, "A", dataset, patient)
+            + read_rows(after, method, "B", dataset, patient))
     both = {(r["dataset"], r["patient"], r["moving_h"]) for r in rows if r["method"] == "A"} & \
         {(r["dataset"], r["patient"], r["moving_h"]) for r in rows if r["method"] == "B"}
     rows = [r for r in rows if (r["dataset"], r["patient"], r["moving_h"]) in both]

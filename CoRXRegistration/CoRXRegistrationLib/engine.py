@@ -275,7 +275,7 @@ class FixedReference:
     session: SpectCt
     preprocess: PreprocessConfig
     grid: Geometry
-    raw: tuple                    # (CT HU, SPECT Bq/mL) on ``grid``
+    raw: tuple | None             # (CT HU, SPECT Bq/mL) on ``grid``; dropped once metric_reference is made
     inputs: tuple                 # (CT, SPECT) normalised as the model's inputs
     notes: list                   # the validation layer's warnings for the fixed session
     metric_reference: tuple | None = None                  # :func:`network.metrics.metric_reference`
@@ -421,6 +421,7 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
         report(0.82, "QA metrics")
         if reference.metric_reference is None:
             reference.metric_reference = metric_reference(*(_tensor(a, "cpu") for a in metric_images(*reference.raw)))
+            reference.raw = None                 # what it was kept for is made
         identity, registered = registration_metrics_against(reference.metric_reference,
                                                             [(mct, msp, torch.zeros_like(disp_cpu)),
                                                              (warp(mct, disp_cpu), warp(msp, disp_spect), disp_cpu)])
