@@ -449,12 +449,18 @@ class CoRXRegistrationLogic(ScriptedLoadableModuleLogic):
         of ``CoRXRegistrationLib.validate`` (CT in HU, SPECT in Bq/mL, spacing); ``allow``: checks to
         turn into warnings (in the result's notes). ``fixedReference``: the fixed nodes' session already
         prepared (``CoRXRegistrationLib.engine.prepare_fixed``, as :meth:`registerSeries` does once for all
-        its pairs); the same results.
+        its pairs); the same results. It must have been prepared from these fixed nodes: a reference whose
+        grids are not theirs is refused (ValueError).
         """
         from CoRXRegistrationLib.engine import register
         from CoRXRegistrationLib.network.metrics import deformation_rgb
         from CoRXRegistrationLib.network.spect_offset import SpectOffsetConfig
 
+        if fixedReference is not None and not (
+                volumeNodeGeometry(fixedCTNode).same_grid(fixedReference.session.ct_geometry)
+                and volumeNodeGeometry(fixedSPECTNode).same_grid(fixedReference.session.spect_geometry)):
+            raise ValueError(f"fixedReference was prepared from other volumes than the fixed CT "
+                             f"'{fixedCTNode.GetName()}' and SPECT '{fixedSPECTNode.GetName()}' (their grids differ)")
         fixed = fixedReference or sessionFromNodes(fixedCTNode, fixedSPECTNode, "fixed")
         moving = sessionFromNodes(movingCTNode, movingSPECTNode, name)
         result = (runner or callNow)(lambda: register(

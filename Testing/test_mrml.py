@@ -197,6 +197,16 @@ def test_register_series_logic_on_real_nodes(mrml_scene, small_series, tmp_path)
                                                     device="cpu", spectOrganShift=False)
     assert fitted["pairs"][24.0]["transform"].GetAttribute("CoRX.SPECTOrganShiftMmSuperior") == "0.000"
     assert fitted["qaTable"].GetTable().GetColumnByName("SPECT organ shift (mm, + superior)").GetValue(0) == 0.0
+    # a fixed session prepared once must be that of the fixed nodes given with it: other grids are refused
+    from CoRXRegistration import sessionFromNodes
+    from CoRXRegistrationLib.engine import prepare_fixed
+    reference = prepare_fixed(sessionFromNodes(cts[0], spects[0]), str(model))
+    g = s.spect_geometry[0]
+    moved = addVolumeNode(s.spect[0], Geometry(g.shape, g.spacing, np.add(g.origin, (5.0, 0.0, 0.0)), g.direction),
+                          "SPECT 0 elsewhere")
+    with pytest.raises(ValueError, match="prepared from other volumes than the fixed CT 'CT 0' and SPECT 'SPECT 0 "):
+        CoRXRegistrationLogic().registerPair(cts[0], moved, cts[1], spects[1], model=str(model), device="cpu",
+                                             fixedReference=reference)
 
 
 def _dicom_nodes(folder):
