@@ -20,10 +20,13 @@ EPOCHS=${EPOCHS:-4}
 EPOCH_STEPS=${EPOCH_STEPS:-150}
 EXPORT=${EXPORT:-output/models/corx-cpu-supervised.pt}
 NETWORK=${NETWORK:-corx-cpu}   # corx-cpu-nocs for the cross-stitch ablation (INIT: its stage-3 checkpoint)
+# the SPECT head needs a network that reads the SPECT; for the SPECT-stream ablation (NETWORK=transmorph-cpu,
+# INIT=training_checkpoints/transmorph-cpu-ct/best.pt) give OVERRIDES='{"diffeomorphic": true}'
+OVERRIDES=${OVERRIDES:-'{"diffeomorphic": true, "spect_correction": true}'}
 
 $CORX prepare-data --simulate 40 --first-seed 200 --preset randomised --out "$DATA"
 $CORX train --data "$DATA" --out "$RUN" --network "$NETWORK" \
-    --network-overrides '{"diffeomorphic": true, "spect_correction": true}' --prealign rigid --init "$INIT" \
+    --network-overrides "$OVERRIDES" --prealign rigid --init "$INIT" \
     --loss supervised --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
     --epochs "$EPOCHS" --epoch-steps "$EPOCH_STEPS" --lr 1e-3 --val-patients 2 --seed 0 --checkpoint-every 25
 mkdir -p "$(dirname "$EXPORT")"
