@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .baselines import ROW_ORDER
+from .baselines import ROW_ORDER, registering_rows
 from .geometry import GeometryError
 from .imageio import ImageFileError
 from .memory import one_malloc_arena
@@ -836,10 +836,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip timing register() and writing its files, stage by stage, on a clinical pair")
     b.add_argument("--commands", action="store_true",
                    help="also time the whole corx register and corx register-series commands, each a fresh process")
-    b.add_argument("--methods", nargs="+", choices=ROW_ORDER, metavar="METHOD", default=[],
+    b.add_argument("--methods", nargs="+", choices=registering_rows(), metavar="METHOD", default=[],
                    help="also time these registration methods side by side on one clinical pair, with the whole "
                         "corx register() (e.g. ants-syn elastix-dd elastix-ct-spect corx); one of: "
-                        + ", ".join(ROW_ORDER))
+                        + ", ".join(registering_rows()))
     b.set_defaults(func=_cmd_benchmark)
     return p
 

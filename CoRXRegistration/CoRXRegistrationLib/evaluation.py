@@ -24,14 +24,14 @@ from .geometry import displacement_lps_to_voxels
 from .network.metrics import jacobian_determinant, registration_metrics
 from .network.spect_offset import SpectOffsetConfig
 from .network.transform import warp
-from .baselines import CT_DRIVEN, POST_FIT, ROW_ORDER, ROWS, base_method
+from .baselines import CT_DRIVEN, POST_FIT, ROW_ORDER, ROWS, TRUTH_ROWS, base_method
 from .benchmark import PeakMemory
 from .outputs import write_csv, write_text
 from .preprocess import PreprocessConfig, SpectCt, metric_images, network_grid, normalise_ct, onto_grid
 from .resample import resample, resample_field
 
 #: Methods with one field for CT and SPECT that need no network.
-CLASSICAL = ("identity",) + CT_DRIVEN + ("elastix-ct-spect",)
+CLASSICAL = ("identity",) + tuple(m for m in CT_DRIVEN if m not in TRUTH_ROWS) + ("elastix-ct-spect",)
 
 
 def displacement_error_map_mm(field_lps_mm: np.ndarray, truth_lps_mm: np.ndarray) -> np.ndarray:
@@ -151,9 +151,10 @@ class MethodRunner:
         if method in CT_DRIVEN and method + POST_FIT in self.wanted:
             self._kept[(method, id(fixed), id(moving))] = (fixed, moving, field, seconds, peak_mb)
 
-    def run(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
+    def run(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig, truth=None) -> tuple:
         """(what the CT follows, what the SPECT follows, seconds, peak MB); one array twice for
-        methods whose one field moves both, so the caller converts and stores it once."""
+        methods whose one field moves both, so the caller converts and stores it once. ``truth``: the
+        pair's true (CT, SPECT) fields on ``grid``, LPS mm, for the rows of :data:`TRUTH_ROWS`."""
         base = base_method(method)
         kept = self._kept.pop((base, id(fixed), id(moving)), None) if base != method else None
         if kept is not None and kept[0] is fixed and kept[1] is moving:       # used once, then dropped
@@ -161,7 +162,7 @@ class MethodRunner:
         else:
             t0 = time.perf_counter()
             with PeakMemory() as memory:
-                field, field_spect = self.fields(base, fixed, moving, grid, cfg)
+                field, field_spect = self.fields(base, fixed, moving, grid, cfg, truth)
             base_s, base_mb = time.perf_counter() - t0, memory.peak_mb
             if base == method:
                 self.keep(method, fixed, moving, field, base_s, base_mb)
@@ -172,9 +173,13 @@ class MethodRunner:
             field_spect, _, _ = fit_spect_to_field(fixed, moving, field, grid, cfg)
         return field, field_spect, base_s + time.perf_counter() - t0, float(np.nanmax([base_mb, memory.peak_mb]))
 
-    def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig) -> tuple:
+    def fields(self, method: str, fixed: SpectCt, moving: SpectCt, grid, cfg: PreprocessConfig, truth=None) -> tuple:
         """(what the CT follows, what the SPECT follows) of a method without a post-fit; one array twice
-        for methods whose one field moves both."""
+        for methods whose one field moves both (``truth``: see :meth:`run`)."""
+        if method in TRUTH_ROWS:
+            if truth is None:
+                raise ValueError(f"the {method} row needs the pair's true fields (a simulated series)")
+            return (truth[0], truth[0]) if method == "truth-ct" else truth
         if method in CLASSICAL:
             field = self._classical_field(method, fixed, moving, grid, cfg)
             return field, field
@@ -289,7 +294,11 @@ def evaluate_series(series, runner: MethodRunner, methods: list, cfg: Preprocess
                 field_ct, field, seconds, peak_mb = resumed
                 runner.keep(method, sessions[ref], sessions[i], field_ct, seconds, peak_mb)
             else:
-                field_ct, field, seconds, peak_mb = runner.run(method, sessions[ref], sessions[i], grid, cfg)
+                truth = None
+                if base_method(method) in TRUTH_ROWS:         # the true motion as a field of the network grid
+                    truth = tuple(resample_field(t[i], ref_g, grid)
+                                  for t in (series.truth_field_ct, series.truth_field_spect))
+                field_ct, field, seconds, peak_mb = runner.run(method, sessions[ref], sessions[i], grid, cfg, truth)
                 if stored is not None and seconds >= resume_min_seconds:
                     _store_fields(stored, settings, field_ct, field, seconds, peak_mb)
             one_field = field_ct is field              # CT-driven methods (no offset): convert and resample once
@@ -489,7 +498,7 @@ def summarise(pair_rows: list, tia_rows: list, methods: list) -> str:
             if not mine:
                 continue
             speed = f"{np.median(ref_seconds) / np.median([r['seconds'] for r in mine]):.2g}x" \
-                if ref_seconds and m not in ("identity", reference) else "-"
+                if ref_seconds and m not in ("identity", reference) and base_method(m) not in TRUTH_ROWS else "-"
             lines.append(f"| {m} | " + " | ".join(_mean_sd([r.get(k) for r in mine]) for k, _ in PAIR_COLUMNS)
                          + f" | {speed} |")
         lines.append("")
@@ -539,6 +548,8 @@ def resume_settings(runner: MethodRunner, preset: str, cfg: PreprocessConfig) ->
     for method in runner.available():
         own = {}
         base = base_method(method)
+        if base in TRUTH_ROWS:                       # read from the series itself: nothing to store
+            continue
         if base.startswith("elastix"):
             own = {"elastix_iterations": runner.elastix_iterations, "elastix_resolutions": runner.elastix_resolutions}
             if base == "elastix-dd":

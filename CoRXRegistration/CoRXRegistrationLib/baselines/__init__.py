@@ -3,8 +3,12 @@ through antspyx; both in the project's ``baseline`` extra), and the rows ``corx 
 
 No module here imports torch, itk or ants at load, so the command line can list the rows cheaply."""
 
+#: Rows that register nothing: the simulator's true motion put on the network grid, as every method's
+#: field is, then read back on the reference SPECT grid. What no field on that grid can beat.
+TRUTH_ROWS = ("truth-ct", "truth-spect")
+
 #: Methods whose one field (from the CTs) moves both the CT and the SPECT.
-CT_DRIVEN = ("rigid", "elastix", "elastix-masked", "elastix-dd", "ants-syn")
+CT_DRIVEN = ("rigid", "elastix", "elastix-masked", "elastix-dd", "ants-syn", "truth-ct")
 
 #: Suffix of a row that follows a CT-driven method with CoRX's SPECT/CT offset and organ-shift fit.
 POST_FIT = "+fit"
@@ -24,14 +28,22 @@ ROWS = {
     "corx-no-offset": "the bundled CoRX network's own field (rigid + network), CT-driven",
     "corx": "the bundled CoRX: rigid + network + SPECT/CT offset and organ-shift fit",
     "corx-refine": "CoRX with instance refinement",
+    "truth-ct": "not a method: the true CT motion on the network grid, moving the CT and the SPECT alike (the best "
+                "any CT-driven field can do; its SPECT error is the SPECT/CT mismatch the CTs cannot show)",
+    "truth-spect": "not a method: the true SPECT motion on the network grid (what the grid alone costs)",
 }
 for _base in CT_DRIVEN:
     ROWS[_base + POST_FIT] = f"{_base} followed by CoRX's SPECT/CT offset and organ-shift fit"
 
 ROW_ORDER = ["identity", "rigid", "rigid+fit", "elastix", "elastix+fit", "elastix-masked", "elastix-masked+fit",
              "elastix-dd", "elastix-dd+fit", "elastix-ct-spect", "ants-syn", "ants-syn+fit", "transmorph",
-             "corx-nocs", "corx-no-offset", "corx", "corx-refine"]
+             "corx-nocs", "corx-no-offset", "corx", "corx-refine", "truth-ct", "truth-ct+fit", "truth-spect"]
 assert sorted(ROW_ORDER) == sorted(ROWS)
+
+
+def registering_rows() -> list:
+    """The rows of :data:`ROW_ORDER` that register (all but those built on :data:`TRUTH_ROWS`)."""
+    return [m for m in ROW_ORDER if base_method(m) not in TRUTH_ROWS]
 
 
 def base_method(method: str) -> str:
