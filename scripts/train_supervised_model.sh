@@ -23,11 +23,25 @@ NETWORK=${NETWORK:-corx-cpu}   # corx-cpu-nocs for the cross-stitch ablation (IN
 # the SPECT head needs a network that reads the SPECT; for the SPECT-stream ablation (NETWORK=transmorph-cpu,
 # INIT=training_checkpoints/transmorph-cpu-ct/best.pt) give OVERRIDES='{"diffeomorphic": true}'
 OVERRIDES=${OVERRIDES:-'{"diffeomorphic": true, "spect_correction": true}'}
+# COOL_STEPS > 0: then a learning-rate cool-down, COOL_STEPS steps at COOL_LR from RUN/last.pt (fresh optimiser,
+# the same data, loss and seed) in COOL_RUN, and that run's end is exported instead (corx-cpu-nocs-supervised-cool:
+# NETWORK=corx-cpu-nocs, COOL_STEPS=150)
+COOL_STEPS=${COOL_STEPS:-0}
+COOL_LR=${COOL_LR:-1e-4}
+COOL_RUN=${COOL_RUN:-$RUN-cool}
 
 $CORX prepare-data --simulate 40 --first-seed 200 --preset randomised --out "$DATA"
 $CORX train --data "$DATA" --out "$RUN" --network "$NETWORK" \
     --network-overrides "$OVERRIDES" --prealign rigid --init "$INIT" \
     --loss supervised --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
     --epochs "$EPOCHS" --epoch-steps "$EPOCH_STEPS" --lr 1e-3 --val-patients 2 --seed 0 --checkpoint-every 25
+FINAL=$RUN
+if [ "$COOL_STEPS" -gt 0 ]; then
+    FINAL=$COOL_RUN
+    $CORX train --data "$DATA" --out "$FINAL" --network "$NETWORK" \
+        --network-overrides "$OVERRIDES" --prealign rigid --init "$RUN/last.pt" \
+        --loss supervised --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
+        --epochs 1 --epoch-steps "$COOL_STEPS" --lr "$COOL_LR" --val-patients 2 --seed 0 --checkpoint-every 25
+fi
 mkdir -p "$(dirname "$EXPORT")"
-$CORX export-model --checkpoint "$RUN/last.pt" --run "$RUN" --out "$EXPORT" --overwrite
+$CORX export-model --checkpoint "$FINAL/last.pt" --run "$FINAL" --out "$EXPORT" --overwrite
