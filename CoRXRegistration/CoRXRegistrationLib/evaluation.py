@@ -5,8 +5,8 @@ identity, Elastix (paper settings, CT-driven, via itk-elastix), TransMorph (CT o
 cross-stitch, CoRX without its SPECT/CT offset, CoRX, CoRX + instance refinement; beside them the
 truth rows, the simulator's true motion put on the network grid (the bound no field there can beat).
 Each method yields a field for the CT and one for the SPECT (LPS mm, resampling convention) on the
-network grid of the reference time point; they differ only for the methods that fit the SPECT/CT offset (the CoRX rows
-but "corx-no-offset"). Everything after that is common:
+network grid of the reference time point; they differ only for the methods that fit the SPECT/CT
+offset (the CoRX rows but "corx-no-offset"). Everything after that is common:
 the paper's metrics on the network grid (CT L1, CT SSIM, min-max SPECT SSIM, SPECT LNCC,
 % Jacobian <= 0), displacement error against the true SPECT and CT fields in the body, organs and
 tumours (mm, on the reference SPECT grid), and the TIA maps each method's registration gives
