@@ -289,6 +289,33 @@ def test_corx_register_series_registers_every_time_point_once_and_refuses_before
     assert "inside the input series" in capsys.readouterr().err
 
 
+def test_a_series_that_keeps_neither_maps_nor_sessions_writes_the_same_results(small_series, tiny_model, tmp_path):
+    """What ``corx register-series`` asks of register_series to hold less: the maps written, not kept,
+    and each moving session let go once registered; the files and the summary are those of the default."""
+    from CoRXRegistrationLib.imageio import read_displacement_field, read_image
+    from CoRXRegistrationLib.series_registration import register_series, registration_summary
+    times = list(small_series.config.times_h)
+    kept_sessions, lean_sessions = small_series.sessions(), small_series.sessions()
+    kept = register_series(kept_sessions, times, 0, tmp_path / "kept", model=tiny_model, device="cpu")
+    lean = register_series(lean_sessions, times, 0, tmp_path / "lean", model=tiny_model, device="cpu",
+                           keep_maps=False, release_sessions=True)
+    assert lean_sessions[0] is not None and lean_sessions[1:] == [None] * (len(times) - 1)
+    assert all(s is not None for s in kept_sessions)
+    assert lean[0][1:] == [None] * (len(times) - 1) and all(a is not None for a in kept[0])
+    for i, pair in lean[1].items():
+        assert pair["field"] is None and pair["jacobian"] is None
+        assert pair["jacobian_nonpositive_percent_spect_grid"] == 100.0 * float(np.mean(kept[1][i]["jacobian"] <= 0))
+        tag = f"t{times[i]:g}h"
+        for name in ("warped_spect.nii.gz", "jacobian.nii.gz", "warped_ct.nii.gz"):
+            np.testing.assert_array_equal(read_image(tmp_path / "kept" / tag / name)[0],
+                                          read_image(tmp_path / "lean" / tag / name)[0], err_msg=name)
+        np.testing.assert_array_equal(read_displacement_field(tmp_path / "kept" / tag / "field_spect.nrrd")[0],
+                                      read_displacement_field(tmp_path / "lean" / tag / "field_spect.nrrd")[0])
+    drop_seconds = (lambda summary: {t: {k: v for k, v in row.items() if k not in ("seconds", "timings_s")}
+                                     for t, row in summary.items()})
+    assert drop_seconds(registration_summary(lean[1], times)) == drop_seconds(registration_summary(kept[1], times))
+
+
 def test_the_registration_commands_do_not_import_scipy(small_series_dir, tiny_model, tmp_path):
     """What a user waits for includes start-up: ``corx register`` and ``corx register-series`` import no
     scipy (about 0.2 s with its libraries; only the TIA, PVC and dose code needs it), although every

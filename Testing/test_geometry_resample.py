@@ -73,6 +73,9 @@ def test_simpleitk_warp_through_a_coarse_field_equals_the_torch_reference(rng):
     as_int = warp_with_field(rounded, source, target, field, coarse, fill=-7.0)
     as_float = warp_with_field(rounded.astype(np.float32), source, target, field, coarse, fill=-7.0)
     assert as_int.dtype == np.int16 and np.abs(as_int - as_float).max() <= 0.5 + 1e-3     # rounded, not truncated
+    # a float32 field is cast to ITK's float64 inside SimpleITK: the warp of the same field given in float64
+    np.testing.assert_array_equal(warp_with_field(volume, source, target, field.astype(np.float64), coarse,
+                                                  fill=-7.0), warped)
 
 
 def test_image_file_round_trip_keeps_geometry(tmp_path, rng):

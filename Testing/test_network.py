@@ -81,6 +81,21 @@ def test_identity_field_leaves_images_and_labels_unchanged():
     assert torch.equal(warp(labels, zero, mode="nearest"), labels)
 
 
+def test_the_sampling_grid_without_gradients_is_the_differentiable_one_bit_for_bit():
+    """sampling_grid builds its coordinates in place when no gradient is needed; the values are exactly
+    those of the differentiable path, for a whole grid and for a block at an origin, float32 and float64."""
+    from CoRXRegistrationLib.network.transform import sampling_grid
+    rng = np.random.default_rng(5)
+    for shape, image_grid, origin in (((9, 10, 11), (9, 10, 11), None), ((4, 6, 5), (13, 7, 27), (3, 1, 20)),
+                                      ((1, 5, 7), (1, 5, 7), None)):
+        for dtype in (torch.float32, torch.float64):
+            u = torch.from_numpy(rng.normal(0.0, 3.0, (2, 3) + shape)).to(dtype)
+            in_place = sampling_grid((2, 1) + image_grid, u, origin)
+            differentiable = sampling_grid((2, 1) + image_grid, u.clone().requires_grad_(), origin)
+            assert differentiable.requires_grad and not in_place.requires_grad and in_place.is_contiguous()
+            assert torch.equal(in_place, differentiable.detach()), (shape, dtype)
+
+
 def test_nearest_warp_moves_labels_by_whole_voxels():
     labels = torch.zeros(1, 1, 8, 8, 8, dtype=torch.int64)
     labels[0, 0, 4, 4, 4] = 7

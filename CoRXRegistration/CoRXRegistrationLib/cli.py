@@ -277,7 +277,8 @@ def _cmd_register_series(args) -> int:
                                spect_offset=False if args.no_spect_offset else None,
                                spect_offset_config=SpectOffsetConfig(organ_shift=not args.no_organ_shift),
                                allow=allow, network_field=args.network_field,
-                               ct_grid="ct" if args.native_ct else "spect")
+                               ct_grid="ct" if args.native_ct else "spect", keep_maps=False,
+                               release_sessions=True)
     summary = registration_summary(pairs, manifest.hours)
     write_text(qa.path("registration_qa.json"), json.dumps({"series": str(manifest.path), "pairs": summary,
                                                             "inputs": manifest.provenance()}, indent=2, default=str))

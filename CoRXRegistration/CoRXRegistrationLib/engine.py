@@ -423,10 +423,13 @@ def register(fixed: SpectCt, moving: SpectCt, model=None, device: str = "auto", 
             reference.metric_reference = metric_reference(*(_tensor(a, "cpu") for a in metric_images(*reference.raw)))
             reference.raw = None                 # what it was kept for is made
         identity, registered = registration_metrics_against(reference.metric_reference,
-                                                            [(mct, msp, torch.zeros_like(disp_cpu)),
+                                                            [(mct, msp, None),
                                                              (warp(mct, disp_cpu), warp(msp, disp_spect), disp_cpu)])
         result.metrics = {"identity": identity, "registered": registered}
+        del disp_spect, mct, msp                 # 0.06 GB the native outputs need room for
         timings["metrics"] = time.perf_counter() - t
+    del displacement, disp_cpu                   # kept in the result as field_network
+    raw_moving = None
     if native_outputs:
         check_cancel(cancel, "before native-resolution outputs")
         report(0.85, "native-resolution outputs")

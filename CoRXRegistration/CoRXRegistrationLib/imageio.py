@@ -274,7 +274,7 @@ def _write_planar_nrrd(image: sitk.Image, path: Path, compress: bool = True) -> 
              f"encoding: {'gzip' if compress else 'raw'}",
              "space origin: (" + ",".join(repr(float(v)) for v in image.GetOrigin()) + ")"]
     lines += [f"{key}:={image.GetMetaData(key)}" for key in image.GetMetaDataKeys()]
-    data = planar.tobytes()
+    data = planar.data                           # the planar copy's own buffer: no third copy of the volume
     with open(path, "wb") as fh:
         fh.write(("\n".join(lines) + "\n\n").encode("ascii"))
         fh.write(gzip.compress(data, compresslevel=5, mtime=0) if compress else data)

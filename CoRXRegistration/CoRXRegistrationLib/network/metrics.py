@@ -274,8 +274,9 @@ def deformation_rgb(displacement_lps_mm, max_mm: float | None = None):
         raise ValueError(f"displacement must be (Z, Y, X, 3) in LPS mm, got {tuple(u.shape)}")
     scale = float(u.abs().max()) if max_mm is None else float(max_mm)
     scale = scale if scale > 0 and math.isfinite(scale) else 1.0
-    rgb = torch.clamp(0.5 + 0.5 * u / scale, 0.0, 1.0)
-    return (rgb * 255.0 + 0.5).to(torch.uint8)
+    # 0.5 + 0.5 u / scale, clamped, times 255 plus 0.5: the same operations in one working copy
+    rgb = u.mul(0.5).div_(scale).add_(0.5).clamp_(0.0, 1.0)
+    return rgb.mul_(255.0).add_(0.5).to(torch.uint8)
 
 
 def registration_metrics(fixed_ct, warped_ct, fixed_spect, warped_spect, displacement) -> dict:
@@ -285,8 +286,8 @@ def registration_metrics(fixed_ct, warped_ct, fixed_spect, warped_spect, displac
 
 def registration_metrics_of(fixed_ct, fixed_spect, candidates: list) -> list:
     """:func:`registration_metrics` of the fixed images against each (warped CT, warped SPECT,
-    displacement) in ``candidates`` (e.g. before and after registration), the fixed images' filtering
-    done once."""
+    displacement or None for none) in ``candidates`` (e.g. before and after registration), the fixed
+    images' filtering done once."""
     return registration_metrics_against(metric_reference(fixed_ct, fixed_spect), candidates)
 
 
@@ -308,6 +309,7 @@ def registration_metrics_against(reference: tuple, candidates: list) -> list:
         "ct_ssim": float(ct_ssim[i].mean()),
         "spect_ssim": float(spect_ssim[i].mean()),
         "spect_lncc": mean_local_cc_squared(fixed_local, ws),
-        # a zero field has det = 1 everywhere: nothing to compute
-        "jacobian_nonpositive_percent": float(nonpositive_jacobian_percent(disp).mean()) if bool(disp.any()) else 0.0,
+        # no field (None) or a zero field has det = 1 everywhere: nothing to compute
+        "jacobian_nonpositive_percent": float(nonpositive_jacobian_percent(disp).mean())
+        if disp is not None and bool(disp.any()) else 0.0,
     } for i, ((wc, _, disp), ws) in enumerate(zip(candidates, warped_spect))]
