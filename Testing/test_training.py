@@ -323,6 +323,27 @@ def test_supervised_training_lowers_the_endpoint_error_on_a_held_out_patient(dat
     assert best["validation"]["truth_loss"] == min(h["val_truth_loss"] for h in result["history"])
 
 
+def test_both_losses_weigh_the_image_terms_by_lambda_image(packed):
+    """--loss both: the endpoint error plus the paper's loss, its image terms times lambda_image and the
+    diffusion once; at 0 it is the supervised loss, the image terms are linear in the weight, and at 1 the
+    plain sum (on the same augmentation and intensity draw)."""
+    from CoRXRegistrationLib.training.loop import supervised_step_loss
+    torch.manual_seed(0)
+    network = build_network(named_config("corx-tiny", diffeomorphic=True, spect_correction=True))
+    prep = replace(TINY_PREP, prealign="rigid")
+    cfg = TrainConfig(network="corx-tiny", loss="both", randomise_intensity=True, loss_mask="fov")
+
+    def value(**change):
+        rng = np.random.default_rng([0, 0, 3, 0])
+        return float(supervised_step_loss(network, packed, 0, 2, prep, replace(cfg, **change), LossWeights(), rng,
+                                          "cpu")[0])
+    supervised, plain, double, zero = (value(loss="supervised"), value(), value(lambda_image=2.0),
+                                       value(lambda_image=0.0))
+    assert zero == pytest.approx(supervised, rel=1e-6)
+    assert plain != pytest.approx(supervised, rel=1e-6)                  # the image terms count at all
+    assert double - plain == pytest.approx(plain - supervised, rel=1e-4, abs=1e-6)
+
+
 def test_supervised_training_refuses_patients_without_truth(data_dir, tmp_path):
     user = tmp_path / "user"
     user.mkdir()

@@ -25,10 +25,15 @@ NETWORK=${NETWORK:-corx-cpu}   # corx-cpu-nocs for the cross-stitch ablation (IN
 OVERRIDES=${OVERRIDES:-'{"diffeomorphic": true, "spect_correction": true}'}
 # COOL_STEPS > 0: then a learning-rate cool-down, COOL_STEPS steps at COOL_LR from RUN/last.pt (fresh optimiser,
 # the same data, loss and seed) in COOL_RUN, and that run's end is exported instead (corx-cpu-nocs-supervised-cool:
-# NETWORK=corx-cpu-nocs, COOL_STEPS=150)
+# NETWORK=corx-cpu-nocs, COOL_STEPS=150); COOL_LOSS=both adds the paper's image loss in the cool-down, its
+# image terms weighted COOL_LAMBDA_IMAGE (the supervised + unsupervised ablation, corx-cpu-nocs-supervised-
+# cool-both1000: COOL_LAMBDA_IMAGE=1000, about where they pull as hard as the endpoint error by
+# scripts/measure_loss_gradients.py; at 1 they barely count)
 COOL_STEPS=${COOL_STEPS:-0}
 COOL_LR=${COOL_LR:-1e-4}
 COOL_RUN=${COOL_RUN:-$RUN-cool}
+COOL_LOSS=${COOL_LOSS:-supervised}
+COOL_LAMBDA_IMAGE=${COOL_LAMBDA_IMAGE:-1}
 
 $CORX prepare-data --simulate 40 --first-seed 200 --preset randomised --out "$DATA"
 $CORX train --data "$DATA" --out "$RUN" --network "$NETWORK" \
@@ -40,7 +45,7 @@ if [ "$COOL_STEPS" -gt 0 ]; then
     FINAL=$COOL_RUN
     $CORX train --data "$DATA" --out "$FINAL" --network "$NETWORK" \
         --network-overrides "$OVERRIDES" --prealign rigid --init "$RUN/last.pt" \
-        --loss supervised --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
+        --loss "$COOL_LOSS" --lambda-image "$COOL_LAMBDA_IMAGE" --organ-weight 3 --lambda-spect-field 1 --randomise-intensity \
         --epochs 1 --epoch-steps "$COOL_STEPS" --lr "$COOL_LR" --val-patients 2 --seed 0 --checkpoint-every 25
 fi
 mkdir -p "$(dirname "$EXPORT")"

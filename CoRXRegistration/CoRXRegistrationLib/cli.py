@@ -354,7 +354,8 @@ def _cmd_train(args) -> int:
                       max_minutes=args.max_minutes, max_steps=args.max_steps, epoch_steps=args.epoch_steps,
                       lambda_spect=args.lambda_spect, lambda_reg=args.lambda_reg, prealign=args.prealign,
                       init=args.init, loss_mask=args.loss_mask, loss=args.loss, organ_weight=args.organ_weight,
-                      lambda_spect_field=args.lambda_spect_field, randomise_intensity=args.randomise_intensity)
+                      lambda_spect_field=args.lambda_spect_field, randomise_intensity=args.randomise_intensity,
+                      lambda_image=args.lambda_image)
     result = train(cfg, resume=not args.restart, progress=TerminalProgress("train"))
     print(f"stopped: {result['stopped']} at step {result['step']}; checkpoint {result['checkpoint']}")
     return 0
@@ -786,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="supervised: extra weight of the uptake organs and tumours in the endpoint error (default 3)")
     tr.add_argument("--lambda-spect-field", type=float, default=1.0,
                     help="supervised: weight of the SPECT field's endpoint error (default 1)")
+    tr.add_argument("--lambda-image", type=float, default=1.0,
+                    help="both: weight of the paper's image terms beside the endpoint error (mm; default 1, at which "
+                         "they barely count; scripts/measure_loss_gradients.py compares their gradients)")
     tr.add_argument("--randomise-intensity", action="store_true",
                     help="draw each image's contrast, brightness and noise at random per step")
     tr.add_argument("--restart", action="store_true", help="ignore OUT/last.pt")

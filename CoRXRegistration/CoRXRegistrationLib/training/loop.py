@@ -46,8 +46,9 @@ class TrainConfig:
     the run (fine-tuning) instead of the seeded random initialisation. ``loss``: "unsupervised" (the
     paper's), "supervised" (endpoint error against the truth fields, body weight 1 and uptake organs and
     tumours 1 + ``organ_weight``, the SPECT field's error times ``lambda_spect_field``, plus
-    ``lambda_reg`` x diffusion) or "both" (the sum); ``randomise_intensity``: each image's contrast,
-    brightness and noise drawn at random per step."""
+    ``lambda_reg`` x diffusion) or "both" (the sum, the paper's image terms times ``lambda_image``: the
+    endpoint error is in mm, the image terms near 0.01, so at 1 they barely count; the diffusion once);
+    ``randomise_intensity``: each image's contrast, brightness and noise drawn at random per step."""
     data: str = ""
     out: str = "training_run"
     network: str = "corx-cpu"
@@ -72,6 +73,7 @@ class TrainConfig:
     organ_weight: float = 3.0
     lambda_spect_field: float = 1.0
     randomise_intensity: bool = False
+    lambda_image: float = 1.0       # "both": weight of the paper's image terms (MSE(CT) + lambda_spect LNCC)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +88,7 @@ class TrainConfig:
 # What defines a run: resuming with any of these changed would mix two trainings under one label.
 RUN_DEFINING = ("data", "network", "network_overrides", "lr", "weight_decay", "lambda_spect", "lambda_reg",
                 "val_patients", "seed", "augment", "max_rotation_deg", "epoch_steps", "prealign", "init", "loss_mask",
-                "loss", "organ_weight", "lambda_spect_field", "randomise_intensity")
+                "loss", "organ_weight", "lambda_spect_field", "randomise_intensity", "lambda_image")
 
 
 def resume_conflicts(stored: dict, cfg: TrainConfig) -> list:
@@ -222,7 +224,10 @@ def supervised_step_loss(model, patient: dict, fixed: int, moving: int, prep: Pr
     if cfg.loss == "supervised":
         reg = diffusion(own[0])
         return loss + weights.regularisation * reg, {**truth_parts, "regularisation": float(reg.detach())}
-    return loss + image_loss, {**truth_parts, **parts}
+    if cfg.lambda_image == 1.0:
+        return loss + image_loss, {**truth_parts, **parts}
+    smoothness = weights.regularisation * diffusion(own[0])
+    return loss + cfg.lambda_image * (image_loss - smoothness) + smoothness, {**truth_parts, **parts}
 
 
 def evaluate_pair(network, patient: dict, fixed: int, moving: int, cfg: PreprocessConfig,
