@@ -274,9 +274,11 @@ def deformation_rgb(displacement_lps_mm, max_mm: float | None = None):
         raise ValueError(f"displacement must be (Z, Y, X, 3) in LPS mm, got {tuple(u.shape)}")
     scale = float(u.abs().max()) if max_mm is None else float(max_mm)
     scale = scale if scale > 0 and math.isfinite(scale) else 1.0
-    # 0.5 + 0.5 u / scale, clamped, times 255 plus 0.5: the same operations in one working copy
-    rgb = u.mul(0.5).div_(scale).add_(0.5).clamp_(0.0, 1.0)
-    return rgb.mul_(255.0).add_(0.5).to(torch.uint8)
+    # 0.5 + 0.5 u / scale, clamped, times 255 plus 0.5, one component at a time (a third of a float copy)
+    rgb = torch.empty(u.shape, dtype=torch.uint8)
+    for c in range(3):
+        rgb[..., c] = u[..., c].mul(0.5).div_(scale).add_(0.5).clamp_(0.0, 1.0).mul_(255.0).add_(0.5).to(torch.uint8)
+    return rgb
 
 
 def registration_metrics(fixed_ct, warped_ct, fixed_spect, warped_spect, displacement) -> dict:
