@@ -18,7 +18,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +26,8 @@ sys.path[:0] = [str(ROOT / "CoRXRegistration"), str(ROOT / "TIAMapping")]
 from CoRXRegistrationLib.network.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from CoRXRegistrationLib.network.losses import LossWeights  # noqa: E402
 from CoRXRegistrationLib.preprocess import PreprocessConfig  # noqa: E402
-from CoRXRegistrationLib.training.data import ordered_pairs  # noqa: E402
-from CoRXRegistrationLib.training.loop import (PatientCache, TrainConfig, _patient_files, split_patients,  # noqa: E402
-                                               supervised_step_loss)
+from CoRXRegistrationLib.training.loop import (PatientCache, TrainConfig, _patient_files, epoch_order,  # noqa: E402
+                                               split_patients, step_draws, supervised_step_loss, training_pairs)
 
 
 def gradient(network, loss) -> torch.Tensor:
@@ -55,8 +53,8 @@ def main(argv=None) -> int:
     train_files, _ = split_patients(_patient_files(cfg.data), cfg.val_patients)
     prep = replace(PreprocessConfig.from_dict(cache(train_files[0])["preprocess"]), prealign=cfg.prealign)
     weights = LossWeights(cfg.lambda_spect, cfg.lambda_reg)
-    pairs = [(i, f, m) for i, path in enumerate(train_files) for f, m in ordered_pairs(len(cache(path)["hours"]))]
-    order = np.random.default_rng([cfg.seed, 0]).permutation(len(pairs))[:args.pairs]
+    pairs = training_pairs(train_files, cache)
+    order = epoch_order(cfg.seed, 0, len(pairs))[:args.pairs]
     ratios, cosines = [], []
     print("| pair | endpoint-error gradient | image-terms gradient | ratio | cosine |\n|---|---:|---:|---:|---:|")
     for k, index in enumerate(order):
@@ -64,7 +62,7 @@ def main(argv=None) -> int:
         patient = cache(train_files[fi])
         grads = {}
         for loss in ("supervised", "both"):
-            rng = np.random.default_rng([cfg.seed, 0, k, 0])
+            rng = step_draws(cfg.seed, 0, k)
             value, _ = supervised_step_loss(network, patient, f, m, prep, replace(cfg, loss=loss, lambda_image=1.0),
                                             weights, rng, "cpu")
             grads[loss] = gradient(network, value)

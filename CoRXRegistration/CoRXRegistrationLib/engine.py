@@ -165,6 +165,11 @@ class RegistrationResult:
     notes: list = field(default_factory=list)
 
     @property
+    def jacobian_nonpositive_percent_spect(self) -> float | None:
+        """Percentage of fixed SPECT voxels where det(I + grad u) <= 0 (folding); None without native outputs."""
+        return None if self.jacobian_spect is None else float(100.0 * np.mean(self.jacobian_spect <= 0))
+
+    @property
     def field_network_spect(self) -> np.ndarray:
         """What the SPECT follows on the network grid: the CT-driven field plus the network's SPECT
         correction plus the SPECT/CT offset plus the organ shift."""
@@ -490,8 +495,7 @@ def write_registration(result: RegistrationResult, out_dir, protected=(), overwr
                "device": result.device, "notes": result.notes, "network_grid": result.grid.to_dict(),
                "spect_offset_mm_lps": [round(float(v), 3) for v in result.spect_offset_mm],
                "spect_organ_shift_mm_superior": round(float(result.spect_organ_shift_mm), 3),
-               "jacobian_nonpositive_percent_spect_grid":
-                   None if result.jacobian_spect is None else float(100.0 * np.mean(result.jacobian_spect <= 0)),
+               "jacobian_nonpositive_percent_spect_grid": result.jacobian_nonpositive_percent_spect,
                "units": {"fields": "mm, LPS, resampling (fixed point -> moving point)", "warped_spect": "Bq/mL",
                          "warped_ct": "HU"},
                "grids": {"field_spect, warped_spect, jacobian, deformation_rgb": "fixed SPECT",

@@ -76,7 +76,7 @@ def register_series(sessions: list, times_h, reference_index: int, out_dir, mode
             aligned.append(result.warped_spect if keep_maps else None)
             pairs[i] = {"field": result.field_spect if keep_maps else None,
                         "jacobian": result.jacobian_spect if keep_maps else None,
-                        "jacobian_nonpositive_percent_spect_grid": 100.0 * float(np.mean(result.jacobian_spect <= 0)),
+                        "jacobian_nonpositive_percent_spect_grid": result.jacobian_nonpositive_percent_spect,
                         "metrics": result.metrics, "seconds": round(result.timings_s["total"], 2),
                         "device": result.device, "notes": result.notes,
                         "timings_s": {k: round(v, 2) for k, v in result.timings_s.items()}}

@@ -298,6 +298,21 @@ def _distributed() -> tuple:
     return world, rank
 
 
+def training_pairs(train_files: list, cache) -> list:
+    """(patient index, fixed, moving) of every ordered pair of time points of every training patient."""
+    return [(fi, f, m) for fi, path in enumerate(train_files) for f, m in ordered_pairs(len(cache(path)["hours"]))]
+
+
+def epoch_order(seed: int, epoch: int, n_pairs: int) -> np.ndarray:
+    """The order in which an epoch visits the training pairs (the same for a seed on every machine)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_pairs)
+
+
+def step_draws(seed: int, epoch: int, position: int, rank: int = 0) -> np.random.Generator:
+    """The random draws (augmentation, intensities) of the step at ``position`` of an epoch."""
+    return np.random.default_rng([seed, epoch, position, rank])
+
+
 def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> dict:
     """Run (or resume) training; returns {"checkpoint": path, "history": [...], "stopped": reason}."""
     world, rank = _distributed()
@@ -358,7 +373,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
         optimiser.load_state_dict(opt_state)
     model = torch.nn.parallel.DistributedDataParallel(network) if world > 1 else network
 
-    pairs = [(fi, f, m) for fi, path in enumerate(train_files) for f, m in ordered_pairs(len(cache(path)["hours"]))]
+    pairs = training_pairs(train_files, cache)
     per_rank = len(pairs) // world
     if cfg.epoch_steps is not None:                   # a shorter epoch: the first steps of each epoch's shuffle
         if cfg.epoch_steps < 1:
@@ -385,14 +400,14 @@ def train(cfg: TrainConfig, resume: bool = True, log=print, progress=None) -> di
     stop_reason = "finished"
     interrupted = _InterruptFlag()
     for epoch in range(start["epoch"], cfg.epochs):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs))
+        order = epoch_order(cfg.seed, epoch, len(pairs))
         mine = order[rank::world][:per_rank]
         position = start["position"] if epoch == start["epoch"] else 0
         running = []
         while position < per_rank:
             fi, f, m = pairs[mine[position]]
             patient = cache(train_files[fi])
-            step_rng = np.random.default_rng([cfg.seed, epoch, position, rank])
+            step_rng = step_draws(cfg.seed, epoch, position, rank)
             if cfg.loss != "unsupervised":
                 loss, _ = supervised_step_loss(model, patient, f, m, prep, cfg, weights, step_rng, device)
             else:
